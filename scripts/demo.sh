@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job: a real patch of the built-in Gemma 3 270M through the real service.
+# Starts Redis, the API and a worker, submits the shipped examples over HTTP, waits, prints the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+port=${HOPPATCH_DEMO_REDIS_PORT:-6392}
+api_port=${HOPPATCH_DEMO_API_PORT:-8000}
+run=.hoppatch/demo
+mkdir -p "$run"
+bash scripts/redis.sh "$port" "$run/redis"
+export HOPPATCH_REDIS_URL="redis://127.0.0.1:$port/0" HOPPATCH_AUTH=off HOPPATCH_ARTIFACT_DIR="$PWD/.hoppatch/artifacts"
+export HOPPATCH_WORKER_METRICS_PORT=${HOPPATCH_WORKER_METRICS_PORT:-9101}
+.venv/bin/hoppatch serve --port "$api_port" >"$run/api.log" 2>&1 &
+api=$!
+.venv/bin/hoppatch worker >"$run/worker.log" 2>&1 &
+worker=$!
+trap 'kill $api $worker 2>/dev/null; wait $api $worker 2>/dev/null; redis-cli -p "$port" shutdown >/dev/null 2>&1 || true' EXIT
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null && break; sleep 0.2; done
+echo "API on http://127.0.0.1:$api_port (auth off for the demo), worker pid $worker; logs in $run/"
+out=".hoppatch/demo-artifacts/$(date +%Y%m%d-%H%M%S)"
+started=$(date +%s)
+.venv/bin/hoppatch submit --server "http://127.0.0.1:$api_port" --model builtin:gemma-3-270m \
+  --examples examples/gemma-3-270m.json --preamble-file examples/preamble.txt \
+  --wait --download "$out" --json "$@"
+echo "end-to-end $(( $(date +%s) - started )) s; artifacts downloaded to $out"
+echo "worker metrics: curl -s http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics | grep hoppatch_worker"

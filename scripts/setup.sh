@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything a fresh Debian/Ubuntu machine needs: redis-server (Debian's), a virtualenv with the CPU build of
+# torch and hoppatch with its test extras. Idempotent: a second run checks and returns quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "setup: installing redis-server (Debian package)" >&2
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.hoppatch-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python packages (first time: a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==${HOPPATCH_TORCH_VERSION:-2.13.0}"
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi

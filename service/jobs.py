@@ -1,0 +1,103 @@
+"""Job operations behind the HTTP handlers: submit (idempotent), read, list, cancel. No HTTP here."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import msgspec
+import redis
+from rq import Queue
+
+from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, new_job_id, now
+from hoppatch.spec import BUILTIN_MODELS, JobSpec
+
+from .problems import IdempotencyConflict, InvalidJob, JobNotFound, NotCancellable
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+LOAD_ALLOWANCE_SECONDS = 600
+"""Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model."""
+IDEMPOTENCY_TTL = 24 * 3600
+
+
+def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
+    """Reject at the door what no worker could load: unknown built-ins, paths outside the model roots."""
+    if ref.startswith("builtin:"):
+        if ref not in BUILTIN_MODELS:
+            raise InvalidJob(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}", "/model")
+        return
+    if ref.startswith(("/", ".", "~")) or ".." in ref.split("/"):
+        resolved = Path(ref).expanduser().resolve()
+        if not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
+            raise InvalidJob(f"model directory {ref!r} is outside the configured model roots", "/model")
+        return
+    if not _HUB_ID.match(ref):
+        raise InvalidJob(f"{ref!r} is not a model reference (builtin:NAME, a directory under a model root, or ORG/NAME)", "/model")
+
+
+def check_spec(spec: JobSpec) -> None:
+    if spec.layers is not None and len(set(spec.layers)) != len(spec.layers):
+        raise InvalidJob("layers must not repeat", "/layers")
+    ids = [e.id for e in spec.examples]
+    if len(set(ids)) != len(ids):
+        raise InvalidJob("example ids must be unique", "/examples")
+
+
+def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, roots: tuple[Path, ...]) -> tuple[JobRecord, bool]:
+    """Create and enqueue a job; returns (job, created). Nothing is stored unless everything is valid."""
+    check_model(spec.model, roots)
+    check_spec(spec)
+    spec_json = msgspec.json.encode(spec)
+    digest = hashlib.sha256(spec_json).hexdigest()
+    job_id = new_job_id()
+    if idempotency:
+        key = idempotency_key(tenant, idempotency)
+        claimed = store.redis.set(key, f"{job_id} {digest}", nx=True, ex=IDEMPOTENCY_TTL)
+        if not claimed:
+            existing_id, existing_digest = (store.redis.get(key) or b" ").decode().split(" ")
+            if existing_digest != digest:
+                raise IdempotencyConflict(f"Idempotency-Key {idempotency!r} was used with a different body")
+            record = store.get(existing_id)
+            if record is None:
+                raise JobNotFound(f"the job of Idempotency-Key {idempotency!r} has expired")
+            return record, False
+    record = JobRecord(
+        id=job_id, tenant=tenant, status=JobStatus.QUEUED, model=spec.model, num_examples=len(spec.examples),
+        budget=spec.budget, created_at=now(), metadata=dict(spec.metadata),
+    )
+    with store.redis.pipeline(transaction=True) as pipe:
+        store.create(record, spec_json, pipe)
+        queue.enqueue_call(
+            TASK, args=(job_id,), job_id=job_id, pipeline=pipe,
+            timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
+            result_ttl=store.retention, failure_ttl=store.retention,
+        )
+        pipe.execute()
+    return record, True
+
+
+def get_job(store: JobStore, tenant: str, job_id: str) -> JobRecord:
+    record = store.get(job_id) if job_id.startswith("job_") else None
+    if record is None or record.tenant != tenant:
+        raise JobNotFound(f"no job {job_id!r}")
+    return record
+
+
+def cancel(store: JobStore, queue: Queue, tenant: str, job_id: str) -> JobRecord:
+    """Queued: cancelled at once. Running: `cancelling` until the worker stops. Ended: 409 (cancelled: as is)."""
+    record = get_job(store, tenant, job_id)
+    if record.status in (JobStatus.CANCELLED, JobStatus.CANCELLING):
+        return record
+    if record.status.terminal:
+        raise NotCancellable(f"job {job_id} has already {record.status.value}")
+    store.request_cancel(job_id)
+    done = store.transition(job_id, JobStatus.CANCELLED, {JobStatus.QUEUED}, finished_at=now())
+    if done:
+        try:
+            queue.remove(job_id)
+        except redis.RedisError:
+            pass  # the task returns at once anyway: the record says cancelled
+        return done
+    stopping = store.transition(job_id, JobStatus.CANCELLING, {JobStatus.RUNNING})
+    return stopping or get_job(store, tenant, job_id)

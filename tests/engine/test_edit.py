@@ -1,0 +1,74 @@
+"""The edit's mechanics on tiny random models of every supported family."""
+
+import torch
+
+from workers.engine.edit import EditConfig, WeightSnapshot, creme_edit, preserved_key_sample, solve_update
+from workers.engine.tracing import record_attn_out
+
+QUERY = "The nationality of the creator of C. Auguste Dupin is"
+GUIDE = "The nationality of Edgar Allan Poe is"
+UNRELATED = ["The capital of France is", "The currency of Japan is", "The capital of Germany is", "The religion of India is"]
+
+
+def test_edit_maps_the_query_key_to_the_guide_output(tiny):
+    layer = 2
+    before = record_attn_out(tiny, [QUERY, GUIDE], [layer])
+    creme_edit(tiny, [QUERY], [GUIDE], [layer], max_rank=4, max_relative_norm=10.0, config=EditConfig(preserve_weight=0))
+    after = record_attn_out(tiny, [QUERY], [layer])
+    torch.testing.assert_close(after.outputs[layer][0], before.outputs[layer][1], atol=1e-4, rtol=1e-4)
+
+
+def test_whitened_edit_is_exact_and_rank_one(tiny):
+    layer = 1
+    keys = preserved_key_sample(tiny, UNRELATED, [layer])
+    target = record_attn_out(tiny, [GUIDE], [layer]).outputs[layer][0]
+    result = creme_edit(tiny, [QUERY], [GUIDE], [layer], max_rank=4, max_relative_norm=10.0, preserved_keys=keys)
+    assert result.deltas[0].rank == 1
+    torch.testing.assert_close(record_attn_out(tiny, [QUERY], [layer]).outputs[layer][0], target, atol=1e-4, rtol=1e-4)
+
+
+def test_plain_metric_gives_the_papers_formula():
+    torch.manual_seed(0)
+    k, r = torch.randn(1, 16), torch.randn(1, 8)
+    left, right = solve_update(k, r, torch.eye(16, dtype=torch.float64), max_rank=4)
+    expected = r.T.double() @ k.double() / k.double().norm() ** 2  # (g − Wk) kᵀ / ‖k‖²
+    torch.testing.assert_close(left @ right, expected)
+
+
+def test_several_examples_share_one_update_of_rank_n(tiny):
+    queries = [QUERY, "The capital of the country of Poe is"]
+    guides = [GUIDE, "The capital of United States is"]
+    layer = 1
+    targets = record_attn_out(tiny, guides, [layer]).outputs[layer]
+    result = creme_edit(tiny, queries, guides, [layer], max_rank=8, max_relative_norm=10.0, config=EditConfig(preserve_weight=0))
+    assert result.deltas[0].rank == 2
+    torch.testing.assert_close(record_attn_out(tiny, queries, [layer]).outputs[layer], targets, atol=1e-4, rtol=1e-4)
+
+
+def test_layers_are_edited_ascending_on_the_partly_edited_model(tiny):
+    snapshot = WeightSnapshot(tiny, [1, 2])
+    together = creme_edit(tiny, [QUERY], [GUIDE], [2, 1], max_rank=4, max_relative_norm=10.0)
+    snapshot.restore()
+    first = creme_edit(tiny, [QUERY], [GUIDE], [1], max_rank=4, max_relative_norm=10.0)
+    second = creme_edit(tiny, [QUERY], [GUIDE], [2], max_rank=4, max_relative_norm=10.0)
+    assert [d.layer for d in together.deltas] == [1, 2]
+    for joint, alone in zip(together.deltas, first.deltas + second.deltas):
+        torch.testing.assert_close(joint.dense(), alone.dense(), atol=1e-5, rtol=1e-4)
+
+
+def test_restore_is_bit_identical(tiny):
+    base = {name: tensor.clone() for name, tensor in tiny.model.state_dict().items()}
+    snapshot = WeightSnapshot(tiny, [0, 1, 2, 3])
+    creme_edit(tiny, [QUERY], [GUIDE], [0, 1, 2, 3], max_rank=4, max_relative_norm=1.0)
+    assert not torch.equal(tiny.attn_out(2).weight, base[tiny.attn_out_name(2) + ".weight"])
+    snapshot.restore()
+    for name, tensor in tiny.model.state_dict().items():
+        assert torch.equal(tensor, base[name]), name
+
+
+def test_norm_budget_caps_the_update(tiny):
+    result = creme_edit(tiny, [QUERY], [GUIDE], [1], max_rank=4, max_relative_norm=1e-3, config=EditConfig(preserve_weight=0))
+    delta = result.deltas[0]
+    assert delta.scaled
+    weight_norm = tiny.attn_out_weight(1).norm().item()
+    assert abs(delta.dense().norm().item() / weight_norm - 1e-3) < 1e-5

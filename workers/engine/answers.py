@@ -1,0 +1,122 @@
+"""Does the model give an answer? Teacher-forced checks of answer strings, in one batched pass.
+
+"Gives the answer" means: for some accepted wording of it, every one of its tokens is the model's greedy
+next token. Accepted wordings are the answer and its aliases, each with or without a leading article, and
+the first words of a long name ("United States" for "United States of America").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .models import LoadedModel
+from .tracing import encode_ids, forward
+
+BATCH = 48
+"""Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
+
+_ARTICLES = ("the ", "a ", "an ")
+
+
+def answer_variants(answer: str, aliases: Sequence[str] = ()) -> list[str]:
+    """Accepted wordings of an answer, the answer itself first."""
+    variants: list[str] = []
+    for name in (answer, *aliases):
+        name = name.strip()
+        bare = name[4:] if name.lower().startswith("the ") else name
+        words = bare.split()
+        forms = [name, bare, "the " + bare]
+        if len(words) >= 3:  # a prefix of a long name, of at least two words
+            forms.append(" ".join(words[: max(2, (len(words) + 1) // 2)]))
+        variants.extend(f for f in forms if f and f not in variants)
+    return variants
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """How a prompt answers: whether it gives an accepted wording, and how likely the main answer is."""
+
+    gives: bool
+    matched: str | None
+    p_first: float  # probability of the answer's first token at the prompt's last position
+    logp: float  # mean log-probability of the answer's tokens, teacher-forced
+
+
+def _split(lm: LoadedModel, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    prompt_ids = lm.tokenizer(prompt)["input_ids"]
+    full = lm.tokenizer(prompt + " " + answer)["input_ids"]
+    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        return prompt_ids, full[len(prompt_ids) :]
+    return prompt_ids, lm.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class _Forced:
+    greedy: bool  # every answer token is the greedy next token
+    logp: float  # mean log-probability of the answer tokens
+    p_first: float  # probability of the answer's first token
+    top: int  # the model's greedy next token after the prompt
+
+
+@torch.no_grad()
+def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[_Forced]:
+    """Teacher-force each (prompt, answer) pair; the first answer step also gives the prompt's next-token view."""
+    results: list[_Forced] = []
+    for start in range(0, len(pairs), BATCH):
+        splits = [_split(lm, prompt, answer) for prompt, answer in pairs[start : start + BATCH]]
+        K = max(len(a) for _, a in splits) + 1
+        logprobs = torch.log_softmax(forward(lm, encode_ids(lm, [p + a for p, a in splits]), logits_to_keep=K).float(), -1)
+        for row, (_, answer_ids) in enumerate(splits):
+            c = len(answer_ids)
+            steps = logprobs[row, K - c - 1 : K - 1]  # (c, V): kept index K-c-1+j predicts answer token j
+            target = torch.tensor(answer_ids, device=steps.device)
+            token_lp = steps.gather(1, target[:, None]).squeeze(1)
+            greedy = steps.argmax(-1)
+            results.append(
+                _Forced(bool((greedy == target).all()), token_lp.mean().item(), token_lp[0].exp().item(), int(greedy[0]))
+            )
+    return results
+
+
+def score_answers(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]]) -> list[AnswerScore]:
+    """Score each prompt against its accepted wordings (`answers[i]`, main answer first).
+
+    One pass teacher-forces every main answer; it also shows each prompt's greedy next token, and only the
+    other wordings that start with that token can be greedy continuations, so only those get a second pass.
+    """
+    main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)])
+    second: list[tuple[int, str]] = [
+        (i, cand)
+        for i, cands in enumerate(answers)
+        if not main[i].greedy
+        for cand in cands[1:]
+        if _split(lm, prompts[i], cand)[1][0] == main[i].top
+    ]
+    matched: dict[int, str] = {i: answers[i][0] for i, f in enumerate(main) if f.greedy}
+    for (i, cand), forced in zip(second, _teacher_forced(lm, [(prompts[i], c) for i, c in second])):
+        if forced.greedy and i not in matched:
+            matched[i] = cand
+    return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]
+
+
+@torch.no_grad()
+def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
+    """The model's greedy continuation of each prompt, first line only, stripped."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), BATCH):
+        chunk = prompts[start : start + BATCH]
+        batch = encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in chunk])
+        out = lm.model.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+        for row in out[:, batch.input_ids.shape[1] :]:
+            line = lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0]
+            texts.append(line.strip().rstrip(".,;:").strip())
+    return texts

@@ -1,0 +1,181 @@
+"""CREME: rank-one (per example) updates of the attention output projection in a band of layers.
+
+Paper: Li et al., "Understanding and Patching Compositional Reasoning in LLMs", Findings of ACL 2024, §4.
+For one example at layer l, with k the projection's input at the composed query's last token and g its
+output at the guide's last token (the second hop with the bridge entity written out):
+
+    W ← W + (g − W k) kᵀ / ‖k‖²
+
+so that W_new k = g: the query behaves as if the bridge were written out. Layers go in ascending order,
+each measured on the model already edited below it (creme/fastedit_comp/rome/rome_main.py::execute_rome).
+
+Two generalisations, both reducing to the formula above when their knobs are off:
+- several examples at one layer are solved together, ΔW K = R exactly (K: keys, R = G − W K), with the
+  minimum-norm update instead of updates that overwrite one another;
+- the norm is measured in the metric of `C`, the second moment of the projection's inputs over a sample of
+  unrelated cloze prompts (ROME's C⁻¹k key): among all updates with ΔW K = R it changes those prompts' outputs
+  least. The plain key kᵀ/‖k‖² overlaps with every prompt that ends like the query, and moves them all.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import BudgetExceeded
+from .models import LoadedModel
+from .tracing import record_attn_out
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """How the update is solved."""
+
+    preserve_weight: float = 1.0
+    """Weight of the preserved-prompt second moment in the key metric; 0 gives the paper's plain key."""
+    ridge: float = 0.05
+    """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible and the update small."""
+    target_scale: float = 1.0
+    """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
+
+    def __post_init__(self) -> None:
+        if self.preserve_weight < 0:
+            raise ValueError("`preserve_weight` must be ≥ 0")
+        if self.ridge <= 0:
+            raise ValueError("`ridge` must be > 0")
+        if self.target_scale <= 0:
+            raise ValueError("`target_scale` must be > 0")
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """ΔW = left @ right for one layer's attention output projection, in (out, in) orientation."""
+
+    layer: int
+    module: str  # dotted path of the projection in the model
+    left: torch.Tensor  # (out, r)
+    right: torch.Tensor  # (r, in)
+    relative_norm: float  # ‖ΔW‖ / ‖W‖, Frobenius
+    scaled: bool = False  # True when the budget's norm cap shrank it
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right  # (out, in)
+
+
+@dataclass
+class EditResult:
+    deltas: list[LayerDelta] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def key_metric(preserved_keys: torch.Tensor | None, dim: int, config: EditConfig) -> torch.Tensor:
+    """C = w·E[k kᵀ] over preserved keys + ridge·(mean eigenvalue)·I, in float64: (in, in)."""
+    if preserved_keys is None or config.preserve_weight == 0:
+        return torch.eye(dim, dtype=torch.float64)
+    keys = preserved_keys.double()  # (N, in)
+    moment = config.preserve_weight * keys.T @ keys / keys.shape[0]
+    scale = moment.diagonal().mean()
+    return moment + config.ridge * scale * torch.eye(dim, dtype=torch.float64, device=keys.device)
+
+
+def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimum-C-norm ΔW with ΔW K = R, as factors (left (out, r), right (r, in)).
+
+    ΔW = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹ with K (in, n) the keys as columns; for C = I and n = 1 this is CREME's
+    (g − Wk) kᵀ/‖k‖². More examples than `max_rank` are compressed to the best rank-`max_rank` update.
+    """
+    K = keys.double().T  # (in, n)
+    R = residuals.double().T  # (out, n)
+    whitened = torch.linalg.solve(metric, K)  # C⁻¹K, (in, n)
+    gram = K.T @ whitened  # KᵀC⁻¹K, (n, n)
+    right = torch.linalg.lstsq(gram, whitened.T).solution  # (n, in)
+    left = R  # (out, n)
+    if left.shape[1] > max_rank:
+        U, S, Vh = torch.linalg.svd(left @ right, full_matrices=False)
+        left, right = U[:, :max_rank] * S[:max_rank], Vh[:max_rank]
+    return left, right
+
+
+def apply_layer_delta(lm: LoadedModel, delta: LayerDelta, sign: float = 1.0) -> None:
+    """Add (or with sign −1 subtract) a layer delta to the projection weight in place."""
+    weight = lm.attn_out_weight(delta.layer)
+    update = delta.dense().to(weight.device, torch.float32)
+    weight.data.add_((sign * update).to(weight.dtype))
+
+
+def creme_edit(
+    lm: LoadedModel,
+    queries: Sequence[str],
+    guides: Sequence[str],
+    layers: Sequence[int],
+    *,
+    max_rank: int,
+    max_relative_norm: float,
+    preserved_keys: dict[int, torch.Tensor] | None = None,
+    config: EditConfig = EditConfig(),
+    deadline: float | None = None,
+    on_layer: Callable[[int, int], None] | None = None,
+) -> EditResult:
+    """Edit `layers` in ascending order, in place; the caller restores the base weights.
+
+    Per layer one batched pass of [queries, guides], stopped right after that layer's projection.
+    """
+    started = time.perf_counter()
+    result = EditResult()
+    n = len(queries)
+    for step, layer in enumerate(sorted(layers)):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise BudgetExceeded(f"edit ran past the job's time budget at layer {layer}")
+        record = record_attn_out(lm, [*queries, *guides], [layer])
+        keys = record.inputs[layer][:n]  # (n, in)
+        outputs = record.outputs[layer]  # (2n, out)
+        residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
+        metric = key_metric(preserved_keys.get(layer) if preserved_keys else None, keys.shape[1], config)
+        left, right = solve_update(keys, residuals, metric.to(keys.device), max_rank)
+        weight = lm.attn_out_weight(layer)
+        relative = (left @ right).norm().item() / weight.float().norm().item()
+        scale = min(1.0, max_relative_norm / relative) if relative > 0 else 1.0
+        delta = LayerDelta(
+            layer=layer,
+            module=lm.attn_out_name(layer),
+            left=(left * scale).float().cpu(),
+            right=right.float().cpu(),
+            relative_norm=relative * scale,
+            scaled=scale < 1.0,
+        )
+        apply_layer_delta(lm, delta)
+        result.deltas.append(delta)
+        if on_layer:
+            on_layer(step + 1, len(layers))
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def preserved_key_sample(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch: int = 64) -> dict[int, torch.Tensor]:
+    """Last-token projection inputs of unrelated prompts at each layer: {layer: (N, in)}."""
+    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(prompts), batch):
+        record = record_attn_out(lm, prompts[start : start + batch], layers)
+        for layer in layers:
+            chunks[layer].append(record.inputs[layer])
+    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+
+
+class WeightSnapshot:
+    """The touched projection weights, copied before an edit and copied back after: bit-identical, no model copy."""
+
+    def __init__(self, lm: LoadedModel, layers: Sequence[int]):
+        self._saved = {layer: lm.attn_out(layer).weight.detach().clone() for layer in layers}
+        self._lm = lm
+
+    def restore(self) -> None:
+        for layer, weight in self._saved.items():
+            self._lm.attn_out(layer).weight.data.copy_(weight)

@@ -1,0 +1,148 @@
+"""One edit job, stage by stage: diagnose → locate → edit → evaluate. `publish` writes what it found.
+
+The model is edited in place and its touched weights are restored, bit-identical, before `run_job` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+from hoppatch.spec import JobSpec, TwoHopExample
+
+from .delta import weight_sha256
+from .diagnose import Diagnosis, diagnose
+from .edit import EditConfig, EditResult, WeightSnapshot, creme_edit, preserved_key_sample
+from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
+from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_before
+from .lens import LensCurve, logit_lens
+from .locate import LocateResult, locate_layers
+from .models import LoadedModel
+
+STAGES = ("diagnose", "locate", "edit", "evaluate", "publish")
+"""The job's stages, in order; progress events and stage-duration metrics use these names."""
+
+ProgressFn = Callable[[str, float, str], None]
+"""Called with (stage, fraction of the whole job done, message)."""
+
+
+def preserve_prompts() -> list[str]:
+    """The shipped unrelated cloze prompts whose attention outputs a patch is solved to keep."""
+    text = files("hoppatch").joinpath("data/preserve_prompts.txt").read_text(encoding="utf-8")
+    return [line.replace("\\n", "\n") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+@dataclass
+class JobOutcome:
+    spec: JobSpec
+    diagnoses: list[Diagnosis]
+    patched: list[TwoHopExample]
+    lens: dict[str, LensCurve] = field(default_factory=dict)
+    located: LocateResult | None = None
+    layers: list[int] = field(default_factory=list)
+    edit: EditResult | None = None
+    probes: list[ProbeOutcome] = field(default_factory=list)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    base_hashes: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Stage timer that also enforces the budget and checks for cancellation between steps."""
+
+    def __init__(self, outcome: JobOutcome, max_seconds: float, progress: ProgressFn | None, should_stop):
+        self.outcome, self.progress, self.should_stop = outcome, progress, should_stop
+        self.deadline = time.perf_counter() + max_seconds
+
+    def check(self, where: str) -> None:
+        if self.should_stop and self.should_stop():
+            raise Cancelled(f"cancelled during {where}")
+        if time.perf_counter() > self.deadline:
+            raise BudgetExceeded(f"the job ran past budget.max_seconds during {where}")
+
+    def stage(self, name: str, message: str):
+        clock = self
+
+        class _Stage:
+            def __enter__(self):
+                clock.check(name)
+                if clock.progress:
+                    clock.progress(name, STAGES.index(name) / len(STAGES), message)
+                self.started = time.perf_counter()
+
+            def __exit__(self, *exc):
+                clock.outcome.seconds[name] = time.perf_counter() - self.started
+
+        return _Stage()
+
+
+def preserved_keys(lm: LoadedModel, preamble: str) -> dict:
+    """Preserved-prompt keys at every layer, computed once per model and preamble and kept warm."""
+    key = ("preserved_keys", preamble)
+    if key not in lm.memo:
+        lm.memo[key] = preserved_key_sample(lm, [preamble + p for p in preserve_prompts()], range(lm.num_layers))
+    return lm.memo[key]
+
+
+def run_job(
+    lm: LoadedModel,
+    spec: JobSpec,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    config: EditConfig = EditConfig(),
+) -> JobOutcome:
+    """Diagnose, locate, edit and evaluate; the model is back to its base weights on return."""
+    pre = spec.preamble
+    if spec.layers and max(spec.layers) >= lm.num_layers:
+        raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
+    outcome = JobOutcome(spec, [], [])
+    clock = _Clock(outcome, spec.budget.max_seconds, progress, should_stop)
+
+    with clock.stage("diagnose", f"diagnosing {len(spec.examples)} examples"):
+        outcome.diagnoses = diagnose(lm, spec.examples, pre)
+    outcome.patched = [ex for ex, d in zip(spec.examples, outcome.diagnoses) if d.patchable]
+    if not outcome.patched:
+        counts = {v: sum(d.verdict.value == v for d in outcome.diagnoses) for v in {d.verdict.value for d in outcome.diagnoses}}
+        raise NoCompositionFailure(f"no example is a compositional failure of {lm.ref}: {counts}")
+    queries = [pre + ex.query for ex in outcome.patched]
+    guides = [pre + ex.hop2.prompt for ex in outcome.patched]
+    answers = [ex.answer for ex in outcome.patched]
+
+    with clock.stage("locate", f"locating layers for {len(queries)} compositional failures"):
+        curves = logit_lens(lm, queries, [ex.hop1.answer for ex in outcome.patched], answers)
+        outcome.lens = {ex.id: c for ex, c in zip(outcome.patched, curves)}
+        outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
+        outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
+        keys = preserved_keys(lm, pre)
+
+    predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
+    probes = build_probes(outcome.patched, predictions)
+    outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
+    snapshot = WeightSnapshot(lm, outcome.layers)
+    try:
+        with clock.stage("evaluate", "scoring the probes before the edit"):
+            before = read_before(lm, probes, pre)
+            outcome.perplexity_before = perplexity(lm)
+        with clock.stage("edit", f"editing layers {outcome.layers}"):
+            outcome.edit = creme_edit(
+                lm, queries, guides, outcome.layers,
+                max_rank=spec.budget.max_rank,
+                max_relative_norm=spec.budget.max_relative_norm,
+                preserved_keys=keys,
+                config=config,
+                deadline=clock.deadline,
+                on_layer=lambda done, total: clock.check(f"edit (layer {done}/{total})"),
+            )
+        evaluate_before = outcome.seconds["evaluate"]
+        with clock.stage("evaluate", "scoring the probes after the edit"):
+            after = read_after(lm, probes, before, pre)
+            outcome.perplexity_after = perplexity(lm)
+        outcome.seconds["evaluate"] += evaluate_before
+    finally:
+        snapshot.restore()
+    outcome.probes = [ProbeOutcome(p, b, a) for p, b, a in zip(probes, before, after)]
+    return outcome

@@ -1,0 +1,126 @@
+"""Publish a job's outcome: delta.safetensors, adapter/, metrics.json and report/, written atomically.
+
+Everything is written to a staging directory beside the target and renamed into place at the end, so a
+reader never sees a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from hoppatch import __version__
+
+from .adapter import save_adapter
+from .delta import save_delta
+from .evaluate import event_rate, rate
+from .models import LoadedModel
+from .pipeline import JobOutcome
+from .report import plot_example, plot_summary
+
+ARTIFACTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json")
+"""Files every successful job publishes, besides the plots under report/."""
+
+
+def metrics(outcome: JobOutcome) -> dict:
+    """The metrics.json document (its contract is in the README)."""
+    probes = outcome.probes
+    corrections = [p for p in probes if p.probe.kind == "correction"]
+    deltas = [p.after.logp_answer - p.before.logp_answer for p in corrections]
+    diagnosis: dict[str, int] = {}
+    for d in outcome.diagnoses:
+        diagnosis[d.verdict.value] = diagnosis.get(d.verdict.value, 0) + 1
+    edit = outcome.edit
+    summary = {
+        "examples": len(outcome.diagnoses),
+        "diagnosis": diagnosis,
+        "patched": len(outcome.patched),
+        "correction_rate": rate(probes, "correction"),
+        "paraphrase_rate": rate(probes, "paraphrase"),
+        "generalization_rate": rate(probes, "generalization"),
+        "specificity_rate": rate(probes, "specificity"),
+        "event_rate_before": event_rate(probes, "before"),
+        "event_rate_after": event_rate(probes, "after"),
+        "mean_delta_logp_answer": sum(deltas) / len(deltas) if deltas else None,
+        "perplexity_before": outcome.perplexity_before,
+        "perplexity_after": outcome.perplexity_after,
+        "layers": outcome.layers,
+        "rank": max((d.rank for d in edit.deltas), default=0) if edit else 0,
+        "relative_norms": {d.layer: round(d.relative_norm, 6) for d in edit.deltas} if edit else {},
+        "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()},
+    }
+    by_example = {ex.id: [] for ex in outcome.patched}
+    for p in probes:
+        by_example[p.probe.example_id].append(
+            {
+                "kind": p.probe.kind,
+                "prompt": p.probe.prompt,
+                "answer": p.probe.answer,
+                "success": p.success,
+                "before": msgspec.to_builtins(p.before),
+                "after": msgspec.to_builtins(p.after),
+            }
+        )
+    examples = []
+    for ex, d in zip(outcome.spec.examples, outcome.diagnoses):
+        examples.append(
+            {
+                "id": ex.id,
+                "verdict": d.verdict.value,
+                "prediction_before": d.prediction,
+                "hop1": {"gives": d.hop1.gives, "p": d.hop1.p_first},
+                "hop2": {"gives": d.hop2.gives, "p": d.hop2.p_first},
+                "query": {"gives": d.query.gives, "p": d.query.p_first},
+                "probes": by_example.get(ex.id, []),
+            }
+        )
+    located = outcome.located
+    return {
+        "hoppatch_version": __version__,
+        "model": outcome.spec.model,
+        "summary": summary,
+        "examples": examples,
+        "locate": {"mean_effect": located.mean_effect, "layers": located.layers} if located else None,
+    }
+
+
+def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
+    """Write the artifacts to `out_dir` (which must not exist yet, or be empty) and return the metrics."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        budget = msgspec.to_builtins(outcome.spec.budget)
+        save_delta(
+            staging / "delta.safetensors",
+            outcome.edit.deltas,
+            base_model=outcome.spec.model,
+            base_hashes=outcome.base_hashes,
+            conv1d=lm.arch.conv1d,
+            budget=budget,
+        )
+        save_adapter(staging / "adapter", outcome.edit.deltas, lm.arch, outcome.spec.model)
+        report = staging / "report"
+        report.mkdir()
+        effects = outcome.located.effects if outcome.located else []
+        for i, ex in enumerate(outcome.patched):
+            plot_example(report / f"{ex.id}.png", ex.query, outcome.lens[ex.id], effects[i] if effects else [], outcome.layers)
+        plot_summary(report / "summary.png", outcome.probes)
+        outcome.seconds["publish"] = time.perf_counter() - started
+        document = metrics(outcome)
+        (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return document

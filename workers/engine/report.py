@@ -1,0 +1,53 @@
+"""Plots for the report: per patched example its logit-lens curves and causal sweep; one summary plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: workers and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .evaluate import rate  # noqa: E402
+
+
+def plot_example(path: Path, title: str, lens, effects: list[float], layers: list[int]) -> None:
+    fig, (ax_lens, ax_sweep) = plt.subplots(1, 2, figsize=(11, 3.8))
+    depth = range(len(lens.bridge_prob))
+    ax_lens.plot(depth, lens.bridge_prob, marker="o", label="bridge entity")
+    ax_lens.plot(depth, lens.answer_prob, marker="s", label="answer")
+    ax_lens.set(xlabel="residual state (0 = embeddings)", ylabel="probability (first token)", title="logit lens, query's last token")
+    ax_lens.legend()
+    ax_sweep.bar(range(len(effects)), effects, color=["tab:red" if l in layers else "tab:gray" for l in range(len(effects))])
+    ax_sweep.axhline(0, color="black", linewidth=0.8)
+    ax_sweep.set(xlabel="layer", ylabel="Δ log p(answer)", title="causal patching of attention output (edited in red)")
+    fig.suptitle(title[:110], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_summary(path: Path, probes) -> None:
+    kinds = ["correction", "paraphrase", "generalization", "specificity"]
+    before = [_rate_before(probes, k) for k in kinds]
+    after = [rate(probes, k) for k in kinds]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    xs = range(len(kinds))
+    ax.bar([x - 0.2 for x in xs], [b or 0 for b in before], width=0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], [a or 0 for a in after], width=0.4, label="after")
+    ax.set_xticks(list(xs), kinds)
+    ax.set(ylim=(0, 1.05), ylabel="fraction of queries", title="patch outcome (specificity: unchanged or right)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _rate_before(probes, kind: str) -> float | None:
+    chosen = [p for p in probes if p.probe.kind == kind]
+    if not chosen:
+        return None
+    if kind == "specificity":
+        return 1.0  # nothing has changed yet
+    return sum(p.before.gives for p in chosen) / len(chosen)
