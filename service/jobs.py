@@ -66,13 +66,14 @@ def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotenc
         id=job_id, tenant=tenant, status=JobStatus.QUEUED, model=spec.model, num_examples=len(spec.examples),
         budget=spec.budget, created_at=now(), metadata=dict(spec.metadata),
     )
-    with store.redis.pipeline(transaction=True) as pipe:
-        store.create(record, spec_json, pipe)
+    with store.redis.pipeline() as pipe:
+        # RQ opens the MULTI block itself, so it goes first; the record lands in the same transaction.
         queue.enqueue_call(
             TASK, args=(job_id,), job_id=job_id, pipeline=pipe,
             timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
             result_ttl=store.retention, failure_ttl=store.retention,
         )
+        store.create(record, spec_json, pipe)
         pipe.execute()
     return record, True
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from litestar import Controller, Request, Response, get
 from litestar.datastructures import ETag
 from litestar.di import Provide
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import File
 
@@ -38,7 +39,7 @@ class ArtifactController(Controller):
         "/{name:path}",
         operation_id="GetArtifact",
         sync_to_thread=True,
-        responses={**problems(*COMMON, 404), 304: None},
+        responses={**problems(*COMMON, 404), 304: ResponseSpec(None, description="Not modified: the ETag matches")},
         response_description="The artifact's bytes",
     )
     def get_artifact(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import redis
 from litestar import Controller, Request, Response, get
+from litestar.openapi import ResponseSpec
 from rq import Worker
 
 from ..schemas import Health
@@ -17,7 +18,7 @@ class HealthController(Controller):
         """The API process is up."""
         return Health("ok")
 
-    @get("/readyz", operation_id="Ready", sync_to_thread=True, responses={503: None})
+    @get("/readyz", operation_id="Ready", sync_to_thread=True, responses={503: ResponseSpec(Health, description="Not ready")})
     def readyz(self, request: Request) -> Response[Health]:
         """Redis answers and at least one worker is alive (503 otherwise)."""
         state = request.app.state

@@ -21,6 +21,7 @@ from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec
 
 from .. import jobs
+from ..metrics import JOBS_SUBMITTED
 from ..deps import provide_artifacts, provide_queue, provide_settings, provide_store
 from ..problems import PROBLEM_JSON, ArtifactNotFound
 from ..schemas import Event, EventList, Job, JobPage, Problem
@@ -57,7 +58,9 @@ class JobController(Controller):
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
-        record, _ = jobs.submit(store, queue, request.user, data, idempotency_key, settings.model_roots)
+        record, created = jobs.submit(store, queue, request.user, data, idempotency_key, settings.model_roots)
+        if created:
+            JOBS_SUBMITTED.labels(record.model).inc()
         return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
     @get("/", operation_id="ListJobs", sync_to_thread=True, responses=problems(*COMMON))

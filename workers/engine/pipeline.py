@@ -5,10 +5,15 @@ The model is edited in place and its touched weights are restored, bit-identical
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.resources import files
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from hoppatch.spec import JobSpec, TwoHopExample
 
@@ -19,7 +24,7 @@ from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
 from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_before
 from .lens import LensCurve, logit_lens
 from .locate import LocateResult, locate_layers
-from .models import LoadedModel
+from .models import LoadedModel, cache_root
 
 STAGES = ("diagnose", "locate", "edit", "evaluate", "publish")
 """The job's stages, in order; progress events and stage-duration metrics use these names."""
@@ -79,12 +84,29 @@ class _Clock:
         return _Stage()
 
 
-def preserved_keys(lm: LoadedModel, preamble: str) -> dict:
-    """Preserved-prompt keys at every layer, computed once per model and preamble and kept warm."""
-    key = ("preserved_keys", preamble)
-    if key not in lm.memo:
-        lm.memo[key] = preserved_key_sample(lm, [preamble + p for p in preserve_prompts()], range(lm.num_layers))
-    return lm.memo[key]
+def preserved_keys(lm: LoadedModel, preamble: str) -> dict[int, torch.Tensor]:
+    """Preserved-prompt keys at every layer: kept warm on the model, and cached on disk across processes.
+
+    The disk cache is keyed by the model's first attention weight, the preamble and the prompts, so a
+    changed model or prompt set never reuses stale keys.
+    """
+    memo_key = ("preserved_keys", preamble)
+    if memo_key in lm.memo:
+        return lm.memo[memo_key]
+    prompts = [preamble + p for p in preserve_prompts()]
+    digest = hashlib.sha256(weight_sha256(lm.attn_out(0).weight).encode())
+    digest.update("\x00".join(prompts).encode())
+    path = cache_root() / "preserved-keys" / f"{digest.hexdigest()[:32]}.safetensors"
+    if path.exists():
+        keys = {int(layer): t.to(lm.device) for layer, t in load_file(str(path)).items()}
+    else:
+        keys = preserved_key_sample(lm, prompts, range(lm.num_layers))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(f".{os.getpid()}.partial")
+        save_file({str(layer): t.float().cpu().contiguous() for layer, t in keys.items()}, str(staging))
+        staging.rename(path)
+    lm.memo[memo_key] = keys
+    return keys
 
 
 def run_job(

@@ -1,0 +1,18 @@
+# One image for both roles: `hoppatch serve` (the API) or `hoppatch worker` (one per GPU).
+# The base brings CUDA-enabled torch; pip keeps it because the project asks only for torch>=2.4.
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    HOPPATCH_CACHE=/var/cache/hoppatch \
+    HOPPATCH_ARTIFACT_DIR=/var/lib/hoppatch/artifacts
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY hoppatch ./hoppatch
+COPY service ./service
+COPY workers ./workers
+COPY examples ./examples
+RUN pip install --no-cache-dir . \
+    && python -c "from workers.engine.models import builtin_model_dir; builtin_model_dir()"
+EXPOSE 8000 9101
+ENTRYPOINT ["hoppatch"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

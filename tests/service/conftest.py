@@ -1,0 +1,37 @@
+import json
+from pathlib import Path
+
+import pytest
+from litestar.testing import TestClient
+
+from hoppatch.settings import Settings
+from service.app import create_app
+from service.auth import create_key
+
+EXAMPLES_FILE = Path(__file__).resolve().parents[2] / "examples" / "gemma-3-270m.json"
+
+
+def job_body(**overrides) -> dict:
+    example = json.loads(EXAMPLES_FILE.read_text())[0]
+    return {"model": "builtin:gemma-3-270m", "examples": [example], **overrides}
+
+
+@pytest.fixture
+def settings(redis_url, tmp_path, redis_client):
+    return Settings(redis_url=redis_url, artifact_dir=tmp_path / "artifacts", auth=True, model_roots=(tmp_path / "models",))
+
+
+@pytest.fixture
+def client(settings):
+    with TestClient(app=create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def key(redis_client):
+    return create_key(redis_client, "team-a")
+
+
+@pytest.fixture
+def other_key(redis_client):
+    return create_key(redis_client, "team-b")

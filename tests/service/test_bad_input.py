@@ -1,0 +1,47 @@
+"""Bad input: a 4xx problem+json that points at the field, and nothing stored or queued."""
+
+import pytest
+
+from hoppatch.jobs import QUEUE_NAME
+
+from .conftest import job_body
+
+
+def _nothing_stored(redis_client, key_count_before: int) -> bool:
+    return redis_client.llen(f"rq:queue:{QUEUE_NAME}") == 0 and redis_client.dbsize() == key_count_before
+
+
+CASES = [
+    ("malformed json", b"{not json", 400, None),
+    ("wrong type", job_body(budget={"max_layers": "four"}), 400, "/budget/max_layers"),
+    ("empty examples", job_body(examples=[]), 400, "/examples"),
+    ("too many examples", "too-many", 400, "/examples"),
+    ("budget out of range", job_body(budget={"max_layers": 99}), 400, "/budget/max_layers"),
+    ("unknown field", job_body(colour="blue"), 400, None),
+    ("unknown builtin", job_body(model="builtin:gpt-9"), 422, "/model"),
+    ("path traversal", job_body(model="../../etc"), 422, "/model"),
+    ("absolute path outside roots", job_body(model="/etc"), 422, "/model"),
+    ("not a model reference", job_body(model="rm -rf /"), 422, "/model"),
+    ("huge body", "huge", 413, None),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "pointer"), CASES, ids=[c[0] for c in CASES])
+def test_rejected_with_problem_json(client, key, redis_client, name, body, status, pointer):
+    if body == "too-many":
+        body = job_body(examples=job_body()["examples"] * 65)
+    if body == "huge":
+        body = b"x" * (3 * 1024 * 1024)
+    before = redis_client.dbsize()
+    headers = {"X-API-Key": key, "content-type": "application/json"}
+    if isinstance(body, bytes):
+        response = client.post("/v1/jobs", content=body, headers=headers)
+    else:
+        response = client.post("/v1/jobs", json=body, headers=headers)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert problem["status"] == status and problem["type"].startswith("https://") and problem["detail"]
+    if pointer:
+        assert any(e["pointer"] == pointer for e in problem["errors"]), problem
+    assert _nothing_stored(redis_client, before)

@@ -1,0 +1,82 @@
+"""The job API over a real Redis: create, idempotency, paging, tenants, cancel of a queued job."""
+
+from hoppatch.jobs import QUEUE_NAME
+
+from .conftest import job_body
+
+
+def _queue_length(redis_client) -> int:
+    return redis_client.llen(f"rq:queue:{QUEUE_NAME}")
+
+
+def test_create_returns_202_location_and_queues(client, key, redis_client):
+    response = client.post("/v1/jobs", json=job_body(), headers={"X-API-Key": key})
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["num_examples"] == 1
+    assert _queue_length(redis_client) == 1
+    got = client.get(job["urls"]["self"], headers={"X-API-Key": key}).json()
+    assert got["id"] == job["id"]
+    events = client.get(job["urls"]["events"], headers={"X-API-Key": key}).json()["data"]
+    assert events[0]["type"] == "status" and events[0]["data"]["status"] == "queued"
+
+
+def test_no_key_or_unknown_key_is_401(client):
+    for headers in ({}, {"X-API-Key": "hp_nope"}):
+        response = client.get("/v1/jobs", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["type"].endswith("/unauthorized")
+
+
+def test_idempotency_key(client, key, redis_client):
+    headers = {"X-API-Key": key, "Idempotency-Key": "deploy-42"}
+    first = client.post("/v1/jobs", json=job_body(), headers=headers).json()
+    again = client.post("/v1/jobs", json=job_body(), headers=headers).json()
+    assert again["id"] == first["id"]
+    assert _queue_length(redis_client) == 1
+    other = client.post("/v1/jobs", json=job_body(budget={"max_layers": 2}), headers=headers)
+    assert other.status_code == 422
+    assert other.json()["type"].endswith("/idempotency-key-reused")
+    assert _queue_length(redis_client) == 1
+
+
+def test_cursor_paging_newest_first_and_status_filter(client, key):
+    headers = {"X-API-Key": key}
+    ids = [client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"] for _ in range(5)]
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/jobs", params=params, headers=headers).json()
+        seen += [j["id"] for j in page["data"]]
+        cursor = page["next_cursor"]
+        if not page["has_more"]:
+            break
+    assert seen == list(reversed(ids))
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=headers)
+    cancelled = client.get("/v1/jobs", params={"status": "cancelled"}, headers=headers).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+
+
+def test_tenants_see_only_their_jobs(client, key, other_key):
+    job = client.post("/v1/jobs", json=job_body(), headers={"X-API-Key": key}).json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers={"X-API-Key": other_key}).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers={"X-API-Key": other_key}).status_code == 404
+    assert client.get("/v1/jobs", headers={"X-API-Key": other_key}).json()["data"] == []
+
+
+def test_cancel_queued_job_at_once_and_again_is_idempotent(client, key, redis_client):
+    headers = {"X-API-Key": key}
+    job = client.post("/v1/jobs", json=job_body(), headers=headers).json()
+    cancelled = client.post(job["urls"]["cancel"], headers=headers)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert _queue_length(redis_client) == 0
+    assert client.post(job["urls"]["cancel"], headers=headers).json()["status"] == "cancelled"
+
+
+def test_open_endpoints(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["workers"] == 0  # no worker in this test
+    assert "hoppatch_queue_depth" in client.get("/metrics").text

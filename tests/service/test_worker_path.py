@@ -1,0 +1,150 @@
+"""The whole path with real parts: API (in process), Redis, a worker process, the built-in model.
+
+submit → worker → succeeded → artifacts downloadable and sha256-correct → metrics; cancel while running;
+a worker killed with SIGKILL mid-job leaves the job failed with `worker_lost`, and a new worker takes jobs.
+"""
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from litestar.testing import TestClient
+
+from hoppatch.settings import Settings
+from service.app import create_app
+
+from .conftest import EXAMPLES_FILE, job_body
+
+pytestmark = pytest.mark.builtin
+PREAMBLE = (Path(__file__).resolve().parents[2] / "examples" / "preamble.txt").read_text()
+HEARTBEAT_TIMEOUT = 6.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    def __init__(self, settings: Settings, log: Path):
+        self.metrics_port = _free_port()
+        env = {
+            **os.environ,
+            "HOPPATCH_REDIS_URL": settings.redis_url,
+            "HOPPATCH_ARTIFACT_DIR": str(settings.artifact_dir),
+            "HOPPATCH_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+            "HOPPATCH_WORKER_METRICS_PORT": str(self.metrics_port),
+        }
+        self.log = log.open("ab")
+        command = [sys.executable, "-m", "hoppatch.cli", "worker", "--preload", "builtin:gemma-3-270m"]
+        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture
+def service(redis_url, redis_client, tmp_path):
+    settings = Settings(redis_url=redis_url, artifact_dir=tmp_path / "artifacts", auth=False, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+    with TestClient(app=create_app(settings), timeout=30) as client:
+        yield settings, client
+
+
+@pytest.fixture
+def worker(service, tmp_path):
+    settings, client = service
+    w = WorkerProcess(settings, tmp_path / "worker.log")
+    _until(lambda: client.get("/readyz").status_code == 200, 300, "the worker never became ready", w)
+    yield w
+    w.stop()
+
+
+def _until(condition, timeout: float, message: str, worker: WorkerProcess | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    log = Path(worker.log.name).read_text()[-3000:] if worker else ""
+    pytest.fail(f"{message}\n{log}")
+
+
+def _job(client, job_id):
+    return client.get(f"/v1/jobs/{job_id}").json()
+
+
+def test_submit_to_artifacts_and_metrics(service, worker):
+    settings, client = service
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples())).json()
+    done = _until(lambda: (j := _job(client, job["id"]))["status"] in ("succeeded", "failed") and j, 600, "job did not end", worker)
+    assert done["status"] == "succeeded", done["error"]
+    summary = done["result"]["summary"]
+    assert summary["patched"] >= 1 and summary["correction_rate"] is not None
+    artifacts = client.get(done["urls"]["artifacts"]).json()["data"]
+    names = {a["name"] for a in artifacts}
+    assert {"delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json"} <= names
+    assert any(n.startswith("report/") and n.endswith(".png") for n in names)
+    for artifact in artifacts:
+        response = client.get(f"{done['urls']['artifacts']}/{artifact['name']}")
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
+        assert response.headers["etag"].strip('"') == artifact["sha256"]
+    delta_url = f"{done['urls']['artifacts']}/delta.safetensors"
+    assert client.get(delta_url, headers={"If-None-Match": f'"{artifacts[0]["sha256"]}"'}).status_code in (200, 304)
+    sha = next(a["sha256"] for a in artifacts if a["name"] == "delta.safetensors")
+    assert client.get(delta_url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    assert client.get(done["urls"]["metrics"]).json()["summary"]["patched"] == summary["patched"]
+    statuses = [e["data"]["status"] for e in client.get(done["urls"]["events"]).json()["data"] if e["type"] == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    assert 'hoppatch_api_jobs_submitted_total{model="builtin:gemma-3-270m"} 1.0' in client.get("/metrics").text
+    worker_metrics = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics").text
+    assert 'hoppatch_worker_jobs_total{outcome="succeeded"} 1.0' in worker_metrics
+    assert 'hoppatch_worker_stage_seconds_count{stage="edit"} 1.0' in worker_metrics
+
+
+def test_cancel_running_job_within_5_seconds(service, worker):
+    settings, client = service
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples() * 1)).json()
+    _until(lambda: _job(client, job["id"])["status"] == "running", 120, "job never ran", worker)
+    requested = time.monotonic()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
+    _until(lambda: _job(client, job["id"])["status"] == "cancelled", 5, "not cancelled within 5 s", worker)
+    assert time.monotonic() - requested <= 5.5
+
+
+def test_killed_worker_fails_its_job_and_a_new_worker_takes_over(service, worker, tmp_path):
+    settings, client = service
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples())).json()
+    _until(lambda: _job(client, job["id"])["status"] == "running", 120, "job never ran", worker)
+    worker.stop(signal.SIGKILL)
+    killed = time.monotonic()
+    failed = _until(lambda: (j := _job(client, job["id"]))["status"] == "failed" and j, HEARTBEAT_TIMEOUT + 10, "job not reaped")
+    assert failed["error"]["code"] == "worker_lost"
+    assert time.monotonic() - killed <= HEARTBEAT_TIMEOUT + 10
+    replacement = WorkerProcess(settings, tmp_path / "worker2.log")
+    try:
+        second = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples()[:1])).json()
+        _until(lambda: _job(client, second["id"])["status"] in ("running", "succeeded", "failed"), 300, "new worker took no job", replacement)
+    finally:
+        replacement.stop()
+
+
+def _examples():
+    import json
+
+    return json.loads(EXAMPLES_FILE.read_text())
