@@ -38,6 +38,8 @@ class EditConfig:
     """Weight of the preserved-prompt second moment in the key metric; 0 gives the paper's plain key."""
     ridge: float = 0.05
     """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible and the update small."""
+    counterfactual_weight: float = 1.0
+    """Scale of the counterfactual keys (the query's template, other subjects); their moment weighs its square."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
 
@@ -75,14 +77,14 @@ class EditResult:
     seconds: float = 0.0
 
 
-def key_metric(preserved_keys: torch.Tensor | None, dim: int, config: EditConfig) -> torch.Tensor:
-    """C = w·E[k kᵀ] over preserved keys + ridge·(mean eigenvalue)·I, in float64: (in, in)."""
-    if preserved_keys is None or config.preserve_weight == 0:
+def key_metric(preserved: Sequence[torch.Tensor], dim: int, config: EditConfig) -> torch.Tensor:
+    """C = w·Σ_sets E[k kᵀ] over the preserved key sets + ridge·(mean eigenvalue)·I, in float64: (in, in)."""
+    if not preserved or config.preserve_weight == 0:
         return torch.eye(dim, dtype=torch.float64)
-    keys = preserved_keys.double()  # (N, in)
-    moment = config.preserve_weight * keys.T @ keys / keys.shape[0]
+    moment = sum(keys.double().T @ keys.double() / keys.shape[0] for keys in preserved)
+    moment = config.preserve_weight * moment
     scale = moment.diagonal().mean()
-    return moment + config.ridge * scale * torch.eye(dim, dtype=torch.float64, device=keys.device)
+    return moment + config.ridge * scale * torch.eye(dim, dtype=torch.float64, device=moment.device)
 
 
 def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,13 +121,16 @@ def creme_edit(
     max_rank: int,
     max_relative_norm: float,
     preserved_keys: dict[int, torch.Tensor] | None = None,
+    counterfactuals: Sequence[str] = (),
     config: EditConfig = EditConfig(),
     deadline: float | None = None,
     on_layer: Callable[[int, int], None] | None = None,
 ) -> EditResult:
     """Edit `layers` in ascending order, in place; the caller restores the base weights.
 
-    Per layer one batched pass of [queries, guides], stopped right after that layer's projection.
+    Per layer one batched pass of [queries, guides, counterfactuals], stopped right after that layer's
+    projection. `preserved_keys` are generic unrelated prompts' keys per layer; `counterfactuals` are the
+    query's own template with other subjects, measured on the partly edited model like the query.
     """
     started = time.perf_counter()
     result = EditResult()
@@ -133,11 +138,14 @@ def creme_edit(
     for step, layer in enumerate(sorted(layers)):
         if deadline is not None and time.perf_counter() > deadline:
             raise BudgetExceeded(f"edit ran past the job's time budget at layer {layer}")
-        record = record_attn_out(lm, [*queries, *guides], [layer])
+        record = record_attn_out(lm, [*queries, *guides, *counterfactuals], [layer])
         keys = record.inputs[layer][:n]  # (n, in)
-        outputs = record.outputs[layer]  # (2n, out)
+        outputs = record.outputs[layer][: 2 * n]  # (2n, out)
         residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
-        metric = key_metric(preserved_keys.get(layer) if preserved_keys else None, keys.shape[1], config)
+        preserved = [preserved_keys[layer]] if preserved_keys else []
+        if counterfactuals:
+            preserved.append(config.counterfactual_weight * record.inputs[layer][2 * n :])
+        metric = key_metric(preserved, keys.shape[1], config)
         left, right = solve_update(keys, residuals, metric.to(keys.device), max_rank)
         weight = lm.attn_out_weight(layer)
         relative = (left @ right).norm().item() / weight.float().norm().item()

@@ -1,5 +1,8 @@
 """Locate: which layers' attention output carries the composition, by causal patching.
 
+The band edited is the window of `max_layers` layers whose joint patch raises log p(answer) most; the
+single-layer sweep is reported alongside (and plotted).
+
 Per layer l, the projection output at the query's last token is replaced by the guide's (the bridge written
 out), and the change in log p(answer's first token) is measured. All layers and examples go in one batched
 pass: row (i, l) of the batch is example i's query patched at layer l; row (i, baseline) is unpatched.
@@ -22,6 +25,7 @@ class LocateResult:
     effects: list[list[float]]  # (examples, layers): Δ log p(answer) when layer l is patched
     mean_effect: list[float]  # per layer, over examples
     layers: list[int]  # the chosen band
+    band_effects: list[float]  # mean log p(answer) with window s..s+max_layers-1 patched at once, per start s
 
 
 @torch.no_grad()
@@ -41,6 +45,31 @@ def causal_sweep(lm: LoadedModel, queries: Sequence[str], guides: Sequence[str],
     return (picked[:, 1:] - picked[:, :1]).cpu()
 
 
+@torch.no_grad()
+def joint_band_effects(
+    lm: LoadedModel, queries: Sequence[str], guides: Sequence[str], answers: Sequence[str], width: int
+) -> list[float]:
+    """Mean log p(answer) when a whole window of `width` layers is patched at once, per window start.
+
+    All windows of all examples go in one batched pass: row (i, s) patches example i at layers s..s+width-1.
+    """
+    n, L = len(queries), lm.num_layers
+    width = min(width, L)
+    starts = range(L - width + 1)
+    guide_out = record_attn_out(lm, guides, range(L), stop_early=False).outputs
+    prompts = [q for q in queries for _ in starts]
+    patches = {}
+    for layer in range(L):
+        rows = [i * len(starts) + s for i in range(n) for s in starts if s <= layer < s + width]
+        if rows:
+            index = torch.tensor(rows)
+            patches[layer] = (index, guide_out[layer][index // len(starts)])
+    logprobs = torch.log_softmax(patched_last_logits(lm, prompts, patches), dim=-1)
+    targets = torch.tensor([first_token(lm, a) for a in answers]).repeat_interleave(len(starts))
+    picked = logprobs.gather(1, targets[:, None].to(logprobs.device)).view(n, len(starts))
+    return picked.mean(0).tolist()
+
+
 def choose_band(mean_effect: Sequence[float], max_layers: int) -> list[int]:
     """The contiguous band of at most `max_layers` layers with the largest summed positive effect."""
     gains = [max(0.0, e) for e in mean_effect]
@@ -54,4 +83,7 @@ def locate_layers(
 ) -> LocateResult:
     effects = causal_sweep(lm, queries, guides, answers)
     mean = effects.mean(0).tolist()
-    return LocateResult(effects.tolist(), mean, choose_band(mean, max_layers))
+    joint = joint_band_effects(lm, queries, guides, answers, max_layers)
+    start = max(range(len(joint)), key=joint.__getitem__)
+    band = list(range(start, start + min(max_layers, lm.num_layers)))
+    return LocateResult(effects.tolist(), mean, band, joint)

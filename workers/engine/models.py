@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from .errors import ModelNotFound, UnsupportedArchitecture
 
@@ -169,6 +170,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM for editing. Remote code is never run."""
     started = time.perf_counter()
+    hf_logging.disable_progress_bar()  # callers show their own progress; workers log plain lines
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     source = resolve_model_path(ref, model_roots)

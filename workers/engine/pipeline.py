@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,27 @@ def preserve_prompts() -> list[str]:
     """The shipped unrelated cloze prompts whose attention outputs a patch is solved to keep."""
     text = files("hoppatch").joinpath("data/preserve_prompts.txt").read_text(encoding="utf-8")
     return [line.replace("\\n", "\n") for line in text.splitlines() if line and not line.startswith("#")]
+
+
+COUNTERFACTUALS_PER_EXAMPLE = 32
+"""Counterfactual prompts (the query with another first-hop description) preserved per patched example."""
+
+
+def first_hop_descriptions() -> list[str]:
+    """Descriptions of entities ("The capital of Lithuania") taken from the shipped single-hop clozes."""
+    return [p[: -len(" is")] for p in preserve_prompts() if p.endswith(" is") and "\n" not in p]
+
+
+def counterfactual_queries(example: TwoHopExample, descriptions: list[str], count: int = COUNTERFACTUALS_PER_EXAMPLE) -> list[str]:
+    """The query with its first-hop description replaced by unrelated ones: what the patch must leave alone."""
+    description = example.hop1.prompt.strip().removesuffix(" is")
+    at = example.query.lower().find(description.lower())
+    if at < 0 or not description:
+        return []
+    others = [d for d in descriptions if d.lower() != description.lower()]
+    picks = random.Random(example.id).sample(others, min(count, len(others)))
+    fit = (lambda d: d) if at == 0 else (lambda d: d[:1].lower() + d[1:])
+    return [example.query[:at] + fit(d) + example.query[at + len(description) :] for d in picks]
 
 
 @dataclass
@@ -140,6 +162,8 @@ def run_job(
         outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
         outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
         keys = preserved_keys(lm, pre)
+        descriptions = first_hop_descriptions()
+        counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions)]
 
     predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
     probes = build_probes(outcome.patched, predictions)
@@ -155,6 +179,7 @@ def run_job(
                 max_rank=spec.budget.max_rank,
                 max_relative_norm=spec.budget.max_relative_norm,
                 preserved_keys=keys,
+                counterfactuals=counterfactuals,
                 config=config,
                 deadline=clock.deadline,
                 on_layer=lambda done, total: clock.check(f"edit (layer {done}/{total})"),

@@ -1,0 +1,90 @@
+"""Engine benchmark on the built-in model (CPU here): per-stage times and peak memory of one job, cold and
+warm, and the edit of the authors' recipe on the same examples in the same process (so the ratio holds).
+
+    .venv/bin/python bench/engine.py [--cold]
+
+--cold first empties a private cache directory, so the GGUF conversion and the preserved-key statistics are
+paid again (they are cached under HOPPATCH_CACHE afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--json", default="bench/results/engine.json")
+    args = parser.parse_args()
+    if args.cold:
+        os.environ["HOPPATCH_CACHE"] = tempfile.mkdtemp(prefix="hoppatch-cold-")
+
+    from bench.authors_recipe import AUTHORS_BAND_GEMMA_270M, authors_edit
+    from hoppatch.spec import JobSpec, read_examples, read_preamble
+    from workers.engine.edit import WeightSnapshot
+    from workers.engine.models import BUILTIN_GEMMA, load_model
+    from workers.engine.pipeline import run_job
+    from workers.engine.publish import publish
+
+    examples = read_examples(EXAMPLES / "gemma-3-270m.json")
+    preamble = read_preamble(EXAMPLES / "preamble.txt")
+    spec = JobSpec(model=BUILTIN_GEMMA, examples=examples, preamble=preamble)
+    started = time.perf_counter()
+    lm = load_model(BUILTIN_GEMMA)
+    load_seconds = time.perf_counter() - started
+    runs = {}
+    for label in ("first job", "warm job"):
+        out = Path(tempfile.mkdtemp()) / "out"
+        started = time.perf_counter()
+        outcome = run_job(lm, spec)
+        document = publish(outcome, lm, out)
+        total = time.perf_counter() - started
+        runs[label] = {"seconds": outcome.seconds, "total": total, "layers": outcome.layers, "summary": document["summary"]}
+        shutil.rmtree(out.parent)
+    engine_edit = runs["warm job"]["seconds"]["edit"]
+    started = time.perf_counter()
+    for ex in examples:
+        snapshot = WeightSnapshot(lm, AUTHORS_BAND_GEMMA_270M)
+        authors_edit(lm, ex.query, ex.hop2.prompt, AUTHORS_BAND_GEMMA_270M, preamble)
+        snapshot.restore()
+    authors_total = time.perf_counter() - started
+    result = {
+        "cold": args.cold,
+        "model_load_seconds": load_seconds,
+        "runs": runs,
+        "edit_seconds": {"engine_all_examples_together": engine_edit, "authors_one_at_a_time": authors_total},
+        "edit_speedup": authors_total / engine_edit,
+        "peak_rss_mb": peak_rss_mb(),
+        "examples": len(examples),
+        "torch_threads": __import__("torch").get_num_threads(),
+    }
+    print(f"model load: {load_seconds:.2f} s ({'cold: GGUF conversion' if args.cold else 'from the converted cache'})")
+    print(f"{'stage':<12}{'first job':>12}{'warm job':>12}")
+    for stage in ("diagnose", "locate", "edit", "evaluate", "publish"):
+        print(f"{stage:<12}{runs['first job']['seconds'].get(stage, 0):>12.3f}{runs['warm job']['seconds'].get(stage, 0):>12.3f}")
+    print(f"{'total':<12}{runs['first job']['total']:>12.3f}{runs['warm job']['total']:>12.3f}")
+    print(f"edit of {len(examples)} examples: engine {engine_edit:.3f} s, authors' recipe {authors_total:.3f} s "
+          f"({result['edit_speedup']:.1f}x); peak RSS {result['peak_rss_mb']:.0f} MB")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

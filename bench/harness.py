@@ -1,0 +1,103 @@
+"""Start the real parts for a benchmark: a private Redis, the API, workers; and a tiny model on disk."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPATCH = [sys.executable, "-m", "hoppatch.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def redis_server():
+    port, directory = free_port(), tempfile.mkdtemp(prefix="hoppatch-bench-redis-")
+    subprocess.run(["bash", str(ROOT / "scripts" / "redis.sh"), str(port), directory], check=True)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.Redis(port=port).shutdown(nosave=True)
+
+
+def environment(redis_url: str, work: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HOPPATCH_REDIS_URL": redis_url,
+        "HOPPATCH_ARTIFACT_DIR": str(work / "artifacts"),
+        "HOPPATCH_MODEL_ROOTS": str(work / "models"),
+        "HOPPATCH_WORKER_METRICS_PORT": "0",
+        **extra,
+    }
+
+
+@contextmanager
+def api_server(env: dict[str, str]):
+    port = free_port()
+    proc = subprocess.Popen([*HOPPATCH, "serve", "--port", str(port)], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(f"{url}/healthz")
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def workers(env: dict[str, str], count: int):
+    procs = [subprocess.Popen([*HOPPATCH, "worker"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(count)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+
+
+def tiny_model_dir(work: Path) -> Path:
+    """A tiny random LLaMA saved under the model roots: jobs on it exercise the queue, not the model."""
+    sys.path.insert(0, str(ROOT))
+    from tests.tiny_models import tiny_model
+
+    target = work / "models" / "tiny-llama"
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(target)
+    lm.tokenizer.save_pretrained(target)
+    return target
+
+
+def tiny_job(model_dir: Path) -> dict:
+    example = {
+        "id": "x",
+        "query": "The capital of the country of Poe is",
+        "answer": "Paris",
+        "hop1": {"prompt": "The country of Poe is", "answer": "France"},
+        "hop2": {"prompt": "The capital of France is", "answer": "Paris"},
+    }
+    return {"model": str(model_dir), "examples": [example]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -1,0 +1,138 @@
+"""Service benchmark: POST /v1/jobs throughput and latency against the real API and Redis, and the
+end-to-end latency of a job through the queue (tiny model), so the queue's overhead is visible.
+
+    .venv/bin/python bench/service.py [--requests 4000] [--connections 16]
+
+Load: wrk (Debian package) when installed, else an asyncio client in a second process. Auth, validation,
+idempotency-key handling and metrics are all on. Loopback only; the request count is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.harness import api_server, environment, percentile, redis_server, tiny_job, tiny_model_dir, workers  # noqa: E402
+from service.auth import create_key  # noqa: E402
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = "%s"
+"""
+
+
+def run_wrk(url: str, body: dict, key: str, connections: int, seconds: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % (json.dumps(body), key))
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, f"{url}/v1/jobs"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    stats = {"tool": "wrk", "raw": out}
+    for line in out.splitlines():
+        parts = line.split()
+        if line.strip().startswith("50%"):
+            stats["p50_ms"] = _ms(parts[1])
+        if line.strip().startswith("99%"):
+            stats["p99_ms"] = _ms(parts[1])
+        if line.startswith("Requests/sec"):
+            stats["requests_per_second"] = float(parts[1])
+        if "Non-2xx" in line:
+            stats["non_2xx"] = int(parts[-1])
+    return stats
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+async def _load(url: str, body: dict, key: str, connections: int, total: int) -> dict:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(total))
+
+    async def client_loop(client: httpx.AsyncClient):
+        nonlocal failures
+        for _ in counter:
+            started = time.perf_counter()
+            response = await client.post("/v1/jobs", json=body)
+            latencies.append((time.perf_counter() - started) * 1000)
+            failures += response.status_code != 202
+
+    limits = httpx.Limits(max_connections=connections)
+    async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return {
+        "tool": "asyncio-httpx",
+        "requests": total,
+        "requests_per_second": total / elapsed,
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+        "non_2xx": failures,
+    }
+
+
+def job_latency(url: str, body: dict, key: str, runs: int) -> dict:
+    latencies = []
+    with httpx.Client(base_url=url, headers={"X-API-Key": key}) as client:
+        for _ in range(runs):
+            started = time.perf_counter()
+            job = client.post("/v1/jobs", json=body).json()
+            while job["status"] not in ("succeeded", "failed", "cancelled"):
+                time.sleep(0.005)
+                job = client.get(f"/v1/jobs/{job['id']}").json()
+            latencies.append((time.perf_counter() - started) * 1000)
+    return {"runs": runs, "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99), "final_status": job["status"], "error": job["error"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration")
+    parser.add_argument("--json", default="bench/results/service.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="hoppatch-bench-"))
+    model_dir = tiny_model_dir(work)
+    body = tiny_job(model_dir)
+    with redis_server() as redis_url:
+        key = create_key(redis.Redis.from_url(redis_url), "bench")
+        env = environment(redis_url, work)
+        with api_server(env) as url:
+            if shutil.which("wrk"):
+                submit = run_wrk(url, body, key, args.connections, args.seconds)
+            else:
+                submit = asyncio.run(_load(url, body, key, args.connections, args.requests))
+            redis.Redis.from_url(redis_url).delete("rq:queue:hoppatch")  # the load's jobs are not for running
+            with workers(env, 1):
+                time.sleep(8)  # the worker starts and imports torch
+                queue = job_latency(url, body, key, 20)
+    result = {"submit": {k: v for k, v in submit.items() if k != "raw"}, "job_through_queue": queue}
+    print(f"POST /v1/jobs ({submit['tool']}, {args.connections} connections): {submit['requests_per_second']:.0f} req/s, "
+          f"p50 {submit['p50_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, non-2xx {submit.get('non_2xx', 0)}")
+    print(f"tiny-model job submit→terminal: p50 {queue['p50_ms']:.0f} ms, p99 {queue['p99_ms']:.0f} ms "
+          f"(ends {queue['final_status']}: {queue['error']['code'] if queue['error'] else ''})")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

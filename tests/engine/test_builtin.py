@@ -1,0 +1,108 @@
+"""Integration on the built-in Gemma 3 270M: the shipped examples are real compositional failures, the patch
+corrects them, the rest is measured, and the artifacts round-trip (delta file, PEFT adapter, CLI)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from hoppatch.spec import JobSpec, read_examples, read_preamble
+from workers.engine.answers import answer_variants, score_answers
+from workers.engine.delta import apply_delta
+from workers.engine.diagnose import Verdict, diagnose
+from workers.engine.models import BUILTIN_GEMMA, load_model
+from workers.engine.pipeline import run_job
+from workers.engine.publish import ARTIFACTS, publish
+from workers.engine.tracing import encode, forward
+
+pytestmark = pytest.mark.builtin
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = read_examples(ROOT / "examples" / "gemma-3-270m.json")
+PREAMBLE = read_preamble(ROOT / "examples" / "preamble.txt")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return load_model(BUILTIN_GEMMA, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def published(gemma, tmp_path_factory):
+    out = tmp_path_factory.mktemp("job") / "out"
+    outcome = run_job(gemma, JobSpec(model=BUILTIN_GEMMA, examples=EXAMPLES, preamble=PREAMBLE))
+    return outcome, publish(outcome, gemma, out), out
+
+
+def test_shipped_examples_are_compositional_failures(gemma):
+    verdicts = [d.verdict for d in diagnose(gemma, EXAMPLES, PREAMBLE)]
+    assert verdicts == [Verdict.COMPOSITIONAL_FAILURE] * len(EXAMPLES)
+
+
+def test_patch_corrects_and_is_measured(published):
+    outcome, document, _ = published
+    summary = document["summary"]
+    assert summary["patched"] == len(EXAMPLES)
+    assert summary["correction_rate"] == 1.0
+    for rate in ("paraphrase_rate", "generalization_rate", "specificity_rate"):
+        assert summary[rate] is not None and 0.0 <= summary[rate] <= 1.0
+    assert summary["event_rate_after"] >= summary["event_rate_before"]
+    assert len(summary["layers"]) <= 4 and set(summary["seconds"]) >= {"diagnose", "locate", "edit", "evaluate", "publish"}
+
+
+def test_artifacts_round_trip(gemma, published):
+    outcome, _, out = published
+    for name in ARTIFACTS:
+        assert (out / name).is_file(), name
+    assert len(list((out / "report").glob("*.png"))) == len(EXAMPLES) + 1
+    queries = [PREAMBLE + ex.query for ex in EXAMPLES]
+    answers = [answer_variants(ex.answer, ex.aliases) for ex in EXAMPLES]
+    base = {k: v.clone() for k, v in gemma.model.state_dict().items() if "self_attn.o_proj" in k}
+    assert not any(s.gives for s in score_answers(gemma, queries, answers))
+    applied = apply_delta(gemma.model, out / "delta.safetensors")
+    assert all(s.gives for s in score_answers(gemma, queries, answers))
+    patched_logits = forward(gemma, encode(gemma, queries[:1]))
+    applied.revert()
+    assert all(torch.equal(v, gemma.model.state_dict()[k]) for k, v in base.items())
+    adapter = PeftModel.from_pretrained(gemma.model, str(out / "adapter"))
+    batch = encode(gemma, queries[:1])
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        adapter_logits = adapter(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, logits_to_keep=1).logits
+    assert (adapter_logits - patched_logits).abs().max().item() <= 1e-3
+    adapter.unload()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hoppatch.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_edit_writes_the_artifacts(tmp_path):
+    out = tmp_path / "out"
+    done = _cli("edit", "--model", BUILTIN_GEMMA, "--examples", str(ROOT / "examples" / "gemma-3-270m.json"),
+                "--preamble-file", str(ROOT / "examples" / "preamble.txt"), "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-2])["correction_rate"] == 1.0
+    assert all((out / name).is_file() for name in ARTIFACTS)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--examples", "missing.json"], "cannot read"),
+        (["--examples", "README.md"], "JSON"),
+        (["--examples", "examples/gemma-3-270m.json", "--model", "builtin:nope"], "unknown built-in model"),
+        (["--examples", "examples/gemma-3-270m.json", "--layers", "x-y"], "--layers"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    base = {"--model": BUILTIN_GEMMA, "--out": str(tmp_path / "out")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    done = _cli("edit", *[x for pair in base.items() for x in pair])
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    assert not (tmp_path / "out").exists()
