@@ -45,9 +45,9 @@ def edit(
     out: Annotated[Path, typer.Option(help="Directory for the artifacts; must not exist or be empty")],
     layers: Annotated[str | None, typer.Option(help="Edit these layers (e.g. 8-11) instead of locating them")] = None,
     max_layers: Annotated[int, typer.Option(min=1, max=16)] = 4,
-    max_rank: Annotated[int, typer.Option(min=1, max=64)] = 16,
+    max_rank: Annotated[int, typer.Option(min=1, max=256)] = 64,
     max_relative_norm: Annotated[float, typer.Option(min=0.0001, max=1.0)] = 0.25,
-    max_seconds: Annotated[float, typer.Option(min=1.0, max=3600.0)] = 600.0,
+    max_seconds: Annotated[float, typer.Option(min=1.0, max=7200.0)] = 1800.0,
     preamble_file: Annotated[Path | None, typer.Option(help="Few-shot prefix put before every prompt")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: GPU if present)")] = None,
 ) -> None:

@@ -27,6 +27,8 @@ class Settings:
     """How long a finished job's record and events are kept."""
     heartbeat_timeout: float = field(default_factory=lambda: float(_env("HOPPATCH_HEARTBEAT_TIMEOUT", "30")))
     """A running job whose worker has not heartbeated for this long is failed with `worker_lost`."""
+    max_examples: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_EXAMPLES", "64")))
+    """Most examples one API job may carry."""
     max_body_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_BODY_BYTES", str(2 * 1024 * 1024))))
     model_cache_size: int = field(default_factory=lambda: int(_env("HOPPATCH_MODEL_CACHE_SIZE", "1")))
     """Models each worker keeps warm."""

@@ -16,8 +16,8 @@ from msgspec import Meta, Struct
 EXAMPLES_SCHEMA = "hoppatch.examples/v1"
 """Version tag of the example format; a file may carry it as `{"schema": ..., "examples": [...]}`."""
 
-MAX_EXAMPLES = 64
-"""Most examples one job may carry."""
+MAX_EXAMPLES = 1000
+"""Most examples one job may carry (the API sets a lower limit of its own, `HOPPATCH_MAX_EXAMPLES`)."""
 
 MAX_PROMPT_CHARS = 1000
 """Longest prompt or answer, in characters."""
@@ -65,11 +65,11 @@ class Budget(Struct, frozen=True, forbid_unknown_fields=True):
 
     max_layers: Annotated[int, Meta(ge=1, le=16)] = 4
     """Most decoder layers whose attention output projection is edited."""
-    max_rank: Annotated[int, Meta(ge=1, le=64)] = 16
+    max_rank: Annotated[int, Meta(ge=1, le=256)] = 64
     """Highest rank of the update of one layer (one direction per patched example, at most)."""
     max_relative_norm: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.25
     """Largest ‖ΔW‖/‖W‖ (Frobenius) per layer; a larger update is scaled down to it."""
-    max_seconds: Annotated[float, Meta(gt=0.0, le=3600.0)] = 600.0
+    max_seconds: Annotated[float, Meta(gt=0.0, le=7200.0)] = 1800.0
     """Wall-clock limit of the whole job, model load excluded."""
 
 

@@ -11,6 +11,7 @@ import redis
 from rq import Queue
 
 from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, new_job_id, now
+from hoppatch.settings import Settings
 from hoppatch.spec import BUILTIN_MODELS, JobSpec
 
 from .problems import IdempotencyConflict, InvalidJob, JobNotFound, NotCancellable
@@ -36,7 +37,9 @@ def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
         raise InvalidJob(f"{ref!r} is not a model reference (builtin:NAME, a directory under a model root, or ORG/NAME)", "/model")
 
 
-def check_spec(spec: JobSpec) -> None:
+def check_spec(spec: JobSpec, max_examples: int) -> None:
+    if len(spec.examples) > max_examples:
+        raise InvalidJob(f"{len(spec.examples)} examples; this service takes at most {max_examples} per job", "/examples")
     if spec.layers is not None and len(set(spec.layers)) != len(spec.layers):
         raise InvalidJob("layers must not repeat", "/layers")
     ids = [e.id for e in spec.examples]
@@ -44,10 +47,10 @@ def check_spec(spec: JobSpec) -> None:
         raise InvalidJob("example ids must be unique", "/examples")
 
 
-def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, roots: tuple[Path, ...]) -> tuple[JobRecord, bool]:
+def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, settings: Settings) -> tuple[JobRecord, bool]:
     """Create and enqueue a job; returns (job, created). Nothing is stored unless everything is valid."""
-    check_model(spec.model, roots)
-    check_spec(spec)
+    check_model(spec.model, settings.model_roots)
+    check_spec(spec, settings.max_examples)
     spec_json = msgspec.json.encode(spec)
     digest = hashlib.sha256(spec_json).hexdigest()
     job_id = new_job_id()

@@ -58,7 +58,7 @@ class JobController(Controller):
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
-        record, created = jobs.submit(store, queue, request.user, data, idempotency_key, settings.model_roots)
+        record, created = jobs.submit(store, queue, request.user, data, idempotency_key, settings)
         if created:
             JOBS_SUBMITTED.labels(record.model).inc()
         return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})

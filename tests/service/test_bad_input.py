@@ -15,7 +15,7 @@ CASES = [
     ("malformed json", b"{not json", 400, None),
     ("wrong type", job_body(budget={"max_layers": "four"}), 400, "/budget/max_layers"),
     ("empty examples", job_body(examples=[]), 400, "/examples"),
-    ("too many examples", "too-many", 400, "/examples"),
+    ("too many examples", "too-many", 422, "/examples"),
     ("budget out of range", job_body(budget={"max_layers": 99}), 400, "/budget/max_layers"),
     ("unknown field", job_body(colour="blue"), 400, None),
     ("unknown builtin", job_body(model="builtin:gpt-9"), 422, "/model"),

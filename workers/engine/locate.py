@@ -78,12 +78,18 @@ def choose_band(mean_effect: Sequence[float], max_layers: int) -> list[int]:
     return list(range(best, best + width))
 
 
+EXAMPLES_PER_PASS = 4
+"""Examples per batched patching pass; each brings about L rows, so this bounds the pass's memory."""
+
+
 def locate_layers(
     lm: LoadedModel, queries: Sequence[str], guides: Sequence[str], answers: Sequence[str], max_layers: int
 ) -> LocateResult:
-    effects = causal_sweep(lm, queries, guides, answers)
+    chunks = [slice(i, i + EXAMPLES_PER_PASS) for i in range(0, len(queries), EXAMPLES_PER_PASS)]
+    effects = torch.cat([causal_sweep(lm, queries[c], guides[c], answers[c]) for c in chunks])
     mean = effects.mean(0).tolist()
-    joint = joint_band_effects(lm, queries, guides, answers, max_layers)
+    per_chunk = [(len(queries[c]), joint_band_effects(lm, queries[c], guides[c], answers[c], max_layers)) for c in chunks]
+    joint = [sum(n * row[s] for n, row in per_chunk) / len(queries) for s in range(len(per_chunk[0][1]))]
     start = max(range(len(joint)), key=joint.__getitem__)
     band = list(range(start, start + min(max_layers, lm.num_layers)))
     return LocateResult(effects.tolist(), mean, band, joint)

@@ -42,6 +42,8 @@ def preserve_prompts() -> list[str]:
 
 COUNTERFACTUALS_PER_EXAMPLE = 32
 """Counterfactual prompts (the query with another first-hop description) preserved per patched example."""
+COUNTERFACTUALS_PER_JOB = 512
+"""At most this many in all: they ride in every edit pass, so a job of many examples takes fewer each."""
 
 
 def first_hop_descriptions() -> list[str]:
@@ -163,7 +165,8 @@ def run_job(
         outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
         keys = preserved_keys(lm, pre)
         descriptions = first_hop_descriptions()
-        counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions)]
+        each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(outcome.patched)))
+        counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions, each)]
 
     predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
     probes = build_probes(outcome.patched, predictions)

@@ -38,18 +38,23 @@ def encode(lm: LoadedModel, prompts: Sequence[str]) -> Encoded:
     return encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in prompts])
 
 
-def forward(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1) -> torch.Tensor:
-    """Logits of the last `logits_to_keep` positions, (B, K, V); positions count from each prompt's first real token."""
+def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
+    """The model's forward pass; positions count from each prompt's first real token."""
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm.model(
+    return lm.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=positions,
         logits_to_keep=logits_to_keep,
         use_cache=False,
+        **kwargs,
     )
-    return out.logits
+
+
+def forward(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1) -> torch.Tensor:
+    """Logits of the last `logits_to_keep` positions: (B, K, V)."""
+    return run_model(lm, batch, logits_to_keep).logits
 
 
 class _StopForward(Exception):
@@ -123,14 +128,5 @@ def patched_last_logits(
 @torch.no_grad()
 def hidden_states_last(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
     """Residual stream at the last token after the embeddings and each layer: (L+1, B, D)."""
-    batch = encode(lm, prompts)
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm.model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=positions,
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
+    out = run_model(lm, encode(lm, prompts), output_hidden_states=True)
     return torch.stack([h[:, -1].float() for h in out.hidden_states])
