@@ -109,6 +109,8 @@ def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int 
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
         batch = encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in chunk])
+        if lm.before_pass:
+            lm.before_pass()
         out = lm.model.generate(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,

@@ -20,12 +20,11 @@ Two generalisations, both reducing to the formula above when their knobs are off
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import BudgetExceeded
 from .models import LoadedModel
 from .tracing import record_attn_out
 
@@ -38,7 +37,7 @@ class EditConfig:
     """Weight of the preserved-prompt second moment in the key metric; 0 gives the paper's plain key."""
     ridge: float = 0.05
     """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible and the update small."""
-    counterfactual_weight: float = 1.0
+    counterfactual_weight: float = 3.0
     """Scale of the counterfactual keys (the query's template, other subjects); their moment weighs its square."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
@@ -123,28 +122,26 @@ def creme_edit(
     preserved_keys: dict[int, torch.Tensor] | None = None,
     counterfactuals: Sequence[str] = (),
     config: EditConfig = EditConfig(),
-    deadline: float | None = None,
-    on_layer: Callable[[int, int], None] | None = None,
 ) -> EditResult:
     """Edit `layers` in ascending order, in place; the caller restores the base weights.
 
-    Per layer one batched pass of [queries, guides, counterfactuals], stopped right after that layer's
-    projection. `preserved_keys` are generic unrelated prompts' keys per layer; `counterfactuals` are the
-    query's own template with other subjects, measured on the partly edited model like the query.
+    Per layer one batched pass of [queries, guides], stopped right after that layer's projection.
+    `preserved_keys` are generic unrelated prompts' keys per layer; `counterfactuals` are the query's own
+    template with other subjects, whose keys are read in one pass on the unedited model (the edits are made
+    to leave them alone, so the partly edited model would give nearly the same keys).
     """
     started = time.perf_counter()
     result = EditResult()
     n = len(queries)
-    for step, layer in enumerate(sorted(layers)):
-        if deadline is not None and time.perf_counter() > deadline:
-            raise BudgetExceeded(f"edit ran past the job's time budget at layer {layer}")
-        record = record_attn_out(lm, [*queries, *guides, *counterfactuals], [layer])
+    counterfactual_keys = record_attn_out(lm, counterfactuals, layers).inputs if counterfactuals else {}
+    for layer in sorted(layers):
+        record = record_attn_out(lm, [*queries, *guides], [layer])
         keys = record.inputs[layer][:n]  # (n, in)
-        outputs = record.outputs[layer][: 2 * n]  # (2n, out)
+        outputs = record.outputs[layer]  # (2n, out)
         residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
         preserved = [preserved_keys[layer]] if preserved_keys else []
         if counterfactuals:
-            preserved.append(config.counterfactual_weight * record.inputs[layer][2 * n :])
+            preserved.append(config.counterfactual_weight * counterfactual_keys[layer])
         metric = key_metric(preserved, keys.shape[1], config)
         left, right = solve_update(keys, residuals, metric.to(keys.device), max_rank)
         weight = lm.attn_out_weight(layer)
@@ -160,8 +157,6 @@ def creme_edit(
         )
         apply_layer_delta(lm, delta)
         result.deltas.append(delta)
-        if on_layer:
-            on_layer(step + 1, len(layers))
     result.seconds = time.perf_counter() - started
     return result
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class LoadedModel:
     arch: Architecture
     load_seconds: float = 0.0
     memo: dict = field(default_factory=dict)  # per-model results worth keeping warm (preserved-key samples)
+    before_pass: Callable[[], None] | None = None  # called before every forward pass: a job's cancel/deadline check
 
     @property
     def num_layers(self) -> int:

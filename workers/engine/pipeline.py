@@ -9,7 +9,8 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
 
@@ -85,6 +86,7 @@ class _Clock:
     def __init__(self, outcome: JobOutcome, max_seconds: float, progress: ProgressFn | None, should_stop):
         self.outcome, self.progress, self.should_stop = outcome, progress, should_stop
         self.deadline = time.perf_counter() + max_seconds
+        self.stage_name = "start"
 
     def check(self, where: str) -> None:
         if self.should_stop and self.should_stop():
@@ -92,20 +94,18 @@ class _Clock:
         if time.perf_counter() > self.deadline:
             raise BudgetExceeded(f"the job ran past budget.max_seconds during {where}")
 
-    def stage(self, name: str, message: str):
-        clock = self
-
-        class _Stage:
-            def __enter__(self):
-                clock.check(name)
-                if clock.progress:
-                    clock.progress(name, STAGES.index(name) / len(STAGES), message)
-                self.started = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.outcome.seconds[name] = time.perf_counter() - self.started
-
-        return _Stage()
+    @contextmanager
+    def stage(self, name: str, message: str) -> Iterator[None]:
+        """Time a stage (adding up when it comes back: evaluate runs before and after the edit)."""
+        self.check(name)
+        self.stage_name = name
+        if self.progress:
+            self.progress(name, STAGES.index(name) / len(STAGES), message)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.outcome.seconds[name] = self.outcome.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def preserved_keys(lm: LoadedModel, preamble: str) -> dict[int, torch.Tensor]:
@@ -142,11 +142,19 @@ def run_job(
     config: EditConfig = EditConfig(),
 ) -> JobOutcome:
     """Diagnose, locate, edit and evaluate; the model is back to its base weights on return."""
-    pre = spec.preamble
     if spec.layers and max(spec.layers) >= lm.num_layers:
         raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
     outcome = JobOutcome(spec, [], [])
     clock = _Clock(outcome, spec.budget.max_seconds, progress, should_stop)
+    lm.before_pass = lambda: clock.check(clock.stage_name)  # every forward pass is a stop point
+    try:
+        return _run_stages(lm, spec, outcome, clock, config)
+    finally:
+        lm.before_pass = None
+
+
+def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clock, config: EditConfig) -> JobOutcome:
+    pre = spec.preamble
 
     with clock.stage("diagnose", f"diagnosing {len(spec.examples)} examples"):
         outcome.diagnoses = diagnose(lm, spec.examples, pre)
@@ -184,14 +192,10 @@ def run_job(
                 preserved_keys=keys,
                 counterfactuals=counterfactuals,
                 config=config,
-                deadline=clock.deadline,
-                on_layer=lambda done, total: clock.check(f"edit (layer {done}/{total})"),
             )
-        evaluate_before = outcome.seconds["evaluate"]
         with clock.stage("evaluate", "scoring the probes after the edit"):
             after = read_after(lm, probes, before, pre)
             outcome.perplexity_after = perplexity(lm)
-        outcome.seconds["evaluate"] += evaluate_before
     finally:
         snapshot.restore()
     outcome.probes = [ProbeOutcome(p, b, a) for p, b, a in zip(probes, before, after)]

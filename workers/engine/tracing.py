@@ -40,6 +40,8 @@ def encode(lm: LoadedModel, prompts: Sequence[str]) -> Encoded:
 
 def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
     """The model's forward pass; positions count from each prompt's first real token."""
+    if lm.before_pass:
+        lm.before_pass()
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return lm.model(
