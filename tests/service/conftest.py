@@ -1,19 +1,23 @@
-import json
+import msgspec
 from pathlib import Path
 
 import pytest
 from litestar.testing import TestClient
 
 from hoppatch.settings import Settings
+from hoppatch.spec import read_examples
 from service.app import create_app
 from service.auth import create_key
 
 EXAMPLES_FILE = Path(__file__).resolve().parents[2] / "examples" / "gemma-3-270m.json"
 
 
+def shipped_examples() -> list[dict]:
+    return msgspec.to_builtins(read_examples(EXAMPLES_FILE))
+
+
 def job_body(**overrides) -> dict:
-    example = json.loads(EXAMPLES_FILE.read_text())[0]
-    return {"model": "builtin:gemma-3-270m", "examples": [example], **overrides}
+    return {"model": "builtin:gemma-3-270m", "examples": shipped_examples()[:1], **overrides}
 
 
 @pytest.fixture

@@ -80,3 +80,16 @@ def test_open_endpoints(client):
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["workers"] == 0  # no worker in this test
     assert "hoppatch_queue_depth" in client.get("/metrics").text
+
+
+def test_event_stream_ends_after_the_terminal_event_and_resumes(client, key):
+    headers = {"X-API-Key": key}
+    job = client.post("/v1/jobs", json=job_body(), headers=headers).json()
+    client.post(job["urls"]["cancel"], headers=headers)
+    events = client.get(job["urls"]["events"], headers=headers).json()["data"]
+    assert [e["data"]["status"] for e in events] == ["queued", "cancelled"]
+    stream = client.get(job["urls"]["stream"], headers=headers)
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.text.count("event: status") == 2 and "event: done" in stream.text
+    resumed = client.get(job["urls"]["stream"], headers={**headers, "Last-Event-ID": events[0]["id"]}).text
+    assert resumed.count("event: status") == 1 and f"id: {events[1]['id']}" in resumed

@@ -20,7 +20,7 @@ from litestar.testing import TestClient
 from hoppatch.settings import Settings
 from service.app import create_app
 
-from .conftest import EXAMPLES_FILE, job_body
+from .conftest import job_body, shipped_examples
 
 pytestmark = pytest.mark.builtin
 PREAMBLE = (Path(__file__).resolve().parents[2] / "examples" / "preamble.txt").read_text()
@@ -90,7 +90,7 @@ def _job(client, job_id):
 
 def test_submit_to_artifacts_and_metrics(service, worker):
     settings, client = service
-    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples())).json()
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=shipped_examples())).json()
     done = _until(lambda: (j := _job(client, job["id"]))["status"] in ("succeeded", "failed") and j, 600, "job did not end", worker)
     assert done["status"] == "succeeded", done["error"]
     summary = done["result"]["summary"]
@@ -119,7 +119,7 @@ def test_submit_to_artifacts_and_metrics(service, worker):
 
 def test_cancel_running_job_within_5_seconds(service, worker):
     settings, client = service
-    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples() * 1)).json()
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=shipped_examples())).json()
     _until(lambda: _job(client, job["id"])["status"] == "running", 120, "job never ran", worker)
     requested = time.monotonic()
     assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] in ("cancelling", "cancelled")
@@ -129,7 +129,7 @@ def test_cancel_running_job_within_5_seconds(service, worker):
 
 def test_killed_worker_fails_its_job_and_a_new_worker_takes_over(service, worker, tmp_path):
     settings, client = service
-    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples())).json()
+    job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=shipped_examples())).json()
     _until(lambda: _job(client, job["id"])["status"] == "running", 120, "job never ran", worker)
     worker.stop(signal.SIGKILL)
     killed = time.monotonic()
@@ -138,13 +138,8 @@ def test_killed_worker_fails_its_job_and_a_new_worker_takes_over(service, worker
     assert time.monotonic() - killed <= HEARTBEAT_TIMEOUT + 10
     replacement = WorkerProcess(settings, tmp_path / "worker2.log")
     try:
-        second = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=_examples()[:1])).json()
+        second = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=shipped_examples()[:1])).json()
         _until(lambda: _job(client, second["id"])["status"] in ("running", "succeeded", "failed"), 300, "new worker took no job", replacement)
     finally:
         replacement.stop()
 
-
-def _examples():
-    import json
-
-    return json.loads(EXAMPLES_FILE.read_text())
