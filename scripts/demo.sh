@@ -24,4 +24,6 @@ started=$(date +%s)
   --examples examples/gemma-3-270m.json --preamble-file examples/preamble.txt \
   --wait --download "$out" --json "$@"
 echo "end-to-end $(( $(date +%s) - started )) s; artifacts downloaded to $out"
-echo "worker metrics: curl -s http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics | grep hoppatch_worker"
+echo "worker metrics (http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics):"
+curl -s "http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics" \
+  | grep -E '^hoppatch_worker_(jobs_total|stage_seconds_sum|examples_patched_total|model_cache_total|model_load_seconds_sum)' || true

@@ -3,6 +3,7 @@
 set -euo pipefail
 port=$1 dir=$2
 mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)  # redis-server resolves paths after it changes into --dir
 redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync everysec \
   --maxmemory-policy noeviction --save "" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
 for _ in $(seq 50); do
