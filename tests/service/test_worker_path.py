@@ -88,8 +88,20 @@ def _job(client, job_id):
     return client.get(f"/v1/jobs/{job_id}").json()
 
 
+def _sample(metrics_text: str, series: str) -> float:
+    """The value of one series in a Prometheus text page (0 when absent)."""
+    for line in metrics_text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+SUBMITTED = 'hoppatch_api_jobs_submitted_total{model="builtin:gemma-3-270m"}'
+
+
 def test_submit_to_artifacts_and_metrics(service, worker):
     settings, client = service
+    submitted_before = _sample(client.get("/metrics").text, SUBMITTED)  # the counter lives as long as the process
     job = client.post("/v1/jobs", json=job_body(preamble=PREAMBLE, examples=shipped_examples())).json()
     done = _until(lambda: (j := _job(client, job["id"]))["status"] in ("succeeded", "failed") and j, 600, "job did not end", worker)
     assert done["status"] == "succeeded", done["error"]
@@ -111,7 +123,7 @@ def test_submit_to_artifacts_and_metrics(service, worker):
     assert client.get(done["urls"]["metrics"]).json()["summary"]["patched"] == summary["patched"]
     statuses = [e["data"]["status"] for e in client.get(done["urls"]["events"]).json()["data"] if e["type"] == "status"]
     assert statuses == ["queued", "running", "succeeded"]
-    assert 'hoppatch_api_jobs_submitted_total{model="builtin:gemma-3-270m"} 1.0' in client.get("/metrics").text
+    assert _sample(client.get("/metrics").text, SUBMITTED) == submitted_before + 1
     worker_metrics = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics").text
     assert 'hoppatch_worker_jobs_total{outcome="succeeded"} 1.0' in worker_metrics
     assert 'hoppatch_worker_stage_seconds_count{stage="edit"} 1.0' in worker_metrics
