@@ -52,7 +52,8 @@ def main() -> None:
     rows = {}
     with redis_server() as redis_url:
         key = create_key(redis.Redis.from_url(redis_url), "bench")
-        env = environment(redis_url, work)
+        # one thread per worker: on a small machine, threads of several workers would fight for the cores
+        env = environment(redis_url, work, OMP_NUM_THREADS="1")
         with api_server(env) as url:
             for count in [int(c) for c in args.counts.split(",")]:
                 with workers(env, count):
