@@ -214,7 +214,7 @@ class JobStore:
         rows = self.redis.xrange(events_key(job_id), min=start, max="+", count=count)
         return [(eid.decode(), f[b"type"].decode(), msgspec.json.decode(f[b"data"])) for eid, f in rows]
 
-    def list(self, tenant: str, status: JobStatus | None, before: float | None, limit: int) -> list[JobRecord]:
+    def list_jobs(self, tenant: str, status: JobStatus | None, before: float | None, limit: int) -> list[JobRecord]:
         """Newest first, created strictly before `before` (the cursor)."""
         found: list[JobRecord] = []
         top = f"({before}" if before is not None else "+inf"

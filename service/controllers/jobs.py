@@ -73,7 +73,7 @@ class JobController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     ) -> JobPage:
         """Jobs of this tenant, newest first; pass `next_cursor` back as `cursor` for the next page."""
-        records = store.list(request.user, status, float(cursor) if cursor else None, limit + 1)
+        records = store.list_jobs(request.user, status, float(cursor) if cursor else None, limit + 1)
         page = records[:limit]
         more = len(records) > limit
         next_cursor = repr(page[-1].created_at.timestamp()) if more and page else None
