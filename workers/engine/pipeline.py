@@ -9,6 +9,7 @@ import hashlib
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +28,6 @@ from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_b
 from .lens import LensCurve, logit_lens
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
-
-STAGES = ("diagnose", "locate", "edit", "evaluate", "publish")
-"""The job's stages, in order; progress events and stage-duration metrics use these names."""
 
 ProgressFn = Callable[[str, float, str], None]
 """Called with (stage, fraction of the whole job done, message)."""
@@ -95,12 +93,12 @@ class _Clock:
             raise BudgetExceeded(f"the job ran past budget.max_seconds during {where}")
 
     @contextmanager
-    def stage(self, name: str, message: str) -> Iterator[None]:
+    def stage(self, name: str, fraction: float, message: str) -> Iterator[None]:
         """Time a stage (adding up when it comes back: evaluate runs before and after the edit)."""
         self.check(name)
         self.stage_name = name
         if self.progress:
-            self.progress(name, STAGES.index(name) / len(STAGES), message)
+            self.progress(name, fraction, message)
         started = time.perf_counter()
         try:
             yield
@@ -156,17 +154,17 @@ def run_job(
 def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clock, config: EditConfig) -> JobOutcome:
     pre = spec.preamble
 
-    with clock.stage("diagnose", f"diagnosing {len(spec.examples)} examples"):
+    with clock.stage("diagnose", 0.0, f"diagnosing {len(spec.examples)} examples"):
         outcome.diagnoses = diagnose(lm, spec.examples, pre)
     outcome.patched = [ex for ex, d in zip(spec.examples, outcome.diagnoses) if d.patchable]
     if not outcome.patched:
-        counts = {v: sum(d.verdict.value == v for d in outcome.diagnoses) for v in {d.verdict.value for d in outcome.diagnoses}}
+        counts = dict(Counter(d.verdict.value for d in outcome.diagnoses))
         raise NoCompositionFailure(f"no example is a compositional failure of {lm.ref}: {counts}")
     queries = [pre + ex.query for ex in outcome.patched]
     guides = [pre + ex.hop2.prompt for ex in outcome.patched]
     answers = [ex.answer for ex in outcome.patched]
 
-    with clock.stage("locate", f"locating layers for {len(queries)} compositional failures"):
+    with clock.stage("locate", 0.15, f"locating layers for {len(queries)} compositional failures"):
         curves = logit_lens(lm, queries, [ex.hop1.answer for ex in outcome.patched], answers)
         outcome.lens = {ex.id: c for ex, c in zip(outcome.patched, curves)}
         outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
@@ -181,10 +179,10 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
     snapshot = WeightSnapshot(lm, outcome.layers)
     try:
-        with clock.stage("evaluate", "scoring the probes before the edit"):
+        with clock.stage("evaluate", 0.35, "scoring the probes before the edit"):
             before = read_before(lm, probes, pre)
             outcome.perplexity_before = perplexity(lm)
-        with clock.stage("edit", f"editing layers {outcome.layers}"):
+        with clock.stage("edit", 0.5, f"editing layers {outcome.layers}"):
             outcome.edit = creme_edit(
                 lm, queries, guides, outcome.layers,
                 max_rank=spec.budget.max_rank,
@@ -193,7 +191,7 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
                 counterfactuals=counterfactuals,
                 config=config,
             )
-        with clock.stage("evaluate", "scoring the probes after the edit"):
+        with clock.stage("evaluate", 0.65, "scoring the probes after the edit"):
             after = read_after(lm, probes, before, pre)
             outcome.perplexity_after = perplexity(lm)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 import tempfile
 import time
 from pathlib import Path
@@ -32,9 +33,7 @@ def metrics(outcome: JobOutcome) -> dict:
     probes = outcome.probes
     corrections = [p for p in probes if p.probe.kind == "correction"]
     deltas = [p.after.logp_answer - p.before.logp_answer for p in corrections]
-    diagnosis: dict[str, int] = {}
-    for d in outcome.diagnoses:
-        diagnosis[d.verdict.value] = diagnosis.get(d.verdict.value, 0) + 1
+    diagnosis = dict(Counter(d.verdict.value for d in outcome.diagnoses))
     edit = outcome.edit
     summary = {
         "examples": len(outcome.diagnoses),
