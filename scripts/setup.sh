@@ -17,11 +17,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.hoppatch-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   echo "setup: installing Python packages (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==${HOPPATCH_TORCH_VERSION:-2.13.0}"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  # constraints.txt pins the versions the suite last passed with, so a new release cannot break CI overnight
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
   touch "$stamp"
 fi
