@@ -133,7 +133,7 @@ def creme_edit(
     started = time.perf_counter()
     result = EditResult()
     n = len(queries)
-    counterfactual_keys = record_attn_out(lm, counterfactuals, layers).inputs if counterfactuals else {}
+    counterfactual_keys = preserved_key_sample(lm, counterfactuals, layers) if counterfactuals else {}
     for layer in sorted(layers):
         record = record_attn_out(lm, [*queries, *guides], [layer])
         keys = record.inputs[layer][:n]  # (n, in)
