@@ -2,15 +2,18 @@
 
 import torch
 
-from workers.engine.locate import causal_sweep, choose_band, locate_layers
+from workers.engine.locate import band_windows, locate_layers
 from workers.engine.lens import logit_lens
 
 from .test_edit import GUIDE, QUERY
 
 
-def test_sweep_has_one_entry_per_layer(tiny):
-    effects = causal_sweep(tiny, [QUERY, QUERY], [GUIDE, GUIDE], ["France", "Paris"])
-    assert effects.shape == (2, tiny.num_layers)
+def test_sweep_has_one_entry_per_layer_and_the_band_is_the_best_window(tiny):
+    result = locate_layers(tiny, [QUERY, QUERY], [GUIDE, GUIDE], ["France", "Paris"], max_layers=2)
+    assert [len(row) for row in result.effects] == [tiny.num_layers] * 2
+    assert len(result.band_effects) == tiny.num_layers - 1
+    best = max(range(len(result.band_effects)), key=result.band_effects.__getitem__)
+    assert result.layers == [best, best + 1]
 
 
 def test_sweep_finds_the_only_layer_whose_attention_matters(tiny):
@@ -28,9 +31,9 @@ def test_sweep_finds_the_only_layer_whose_attention_matters(tiny):
         assert result.layers == [planted]
 
 
-def test_band_is_the_best_contiguous_window():
-    assert choose_band([0.0, 0.1, 0.9, 0.8, -0.5, 0.3], 2) == [2, 3]
-    assert choose_band([0.0, 0.1], 4) == [0, 1]
+def test_band_windows_cover_every_start():
+    assert band_windows(5, 2) == [[0, 1], [1, 2], [2, 3], [3, 4]]
+    assert band_windows(2, 4) == [[0, 1]]
 
 
 def test_logit_lens_has_one_point_per_residual_state(tiny):

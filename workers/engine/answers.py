@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, forward
+from .tracing import encode_ids, forward, token_batches
 
 BATCH = 48
 """Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
@@ -63,22 +63,25 @@ class _Forced:
 
 @torch.no_grad()
 def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[_Forced]:
-    """Teacher-force each (prompt, answer) pair; the first answer step also gives the prompt's next-token view."""
-    results: list[_Forced] = []
-    for start in range(0, len(pairs), BATCH):
-        splits = [_split(lm, prompt, answer) for prompt, answer in pairs[start : start + BATCH]]
-        K = max(len(a) for _, a in splits) + 1
-        logprobs = torch.log_softmax(forward(lm, encode_ids(lm, [p + a for p, a in splits]), logits_to_keep=K).float(), -1)
-        for row, (_, answer_ids) in enumerate(splits):
+    """Teacher-force each (prompt, answer) pair; the first answer step also gives the prompt's next-token view.
+
+    Pairs are grouped by `token_batches`: shared prefixes (the preamble, a question template) run once.
+    """
+    splits = [_split(lm, prompt, answer) for prompt, answer in pairs]
+    results: dict[int, _Forced] = {}
+    for chunk in token_batches([p + a for p, a in splits], BATCH):
+        K = max(len(splits[i][1]) for i in chunk) + 1
+        batch = encode_ids(lm, [splits[i][0] + splits[i][1] for i in chunk], own_tokens=K)
+        logprobs = torch.log_softmax(forward(lm, batch, logits_to_keep=K).float(), -1)
+        for row, i in enumerate(chunk):
+            answer_ids = splits[i][1]
             c = len(answer_ids)
             steps = logprobs[row, K - c - 1 : K - 1]  # (c, V): kept index K-c-1+j predicts answer token j
             target = torch.tensor(answer_ids, device=steps.device)
             token_lp = steps.gather(1, target[:, None]).squeeze(1)
             greedy = steps.argmax(-1)
-            results.append(
-                _Forced(bool((greedy == target).all()), token_lp.mean().item(), token_lp[0].exp().item(), int(greedy[0]))
-            )
-    return results
+            results[i] = _Forced(bool((greedy == target).all()), token_lp.mean().item(), token_lp[0].exp().item(), int(greedy[0]))
+    return [results[i] for i in range(len(splits))]
 
 
 def score_answers(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]]) -> list[AnswerScore]:
@@ -108,7 +111,8 @@ def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int 
     texts: list[str] = []
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
-        batch = encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in chunk])
+        # generate() takes the whole prompt, so no shared-prefix cache here
+        batch = encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in chunk], share_prefix=False)
         if lm.before_pass:
             lm.before_pass()
         out = lm.model.generate(

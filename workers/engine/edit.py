@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import LoadedModel
-from .tracing import record_attn_out
+from .tracing import record_attn_out, record_attn_out_ids, token_batches
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,15 @@ def creme_edit(
 
 @torch.no_grad()
 def preserved_key_sample(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch: int = 64) -> dict[int, torch.Tensor]:
-    """Last-token projection inputs of unrelated prompts at each layer: {layer: (N, in)}."""
-    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(prompts), batch):
-        record = record_attn_out(lm, prompts[start : start + batch], layers)
+    """Last-token projection inputs of unrelated prompts at each layer: {layer: (N, in)}, in prompt order."""
+    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    keys: dict[int, torch.Tensor] = {}
+    for rows in token_batches(ids, batch):
+        record = record_attn_out_ids(lm, [ids[i] for i in rows], layers)
         for layer in layers:
-            chunks[layer].append(record.inputs[layer])
-    return {layer: torch.cat(parts) for layer, parts in chunks.items()}
+            inputs = record.inputs[layer]
+            keys.setdefault(layer, inputs.new_empty(len(prompts), inputs.shape[1]))[rows] = inputs
+    return keys
 
 
 class WeightSnapshot:

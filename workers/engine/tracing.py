@@ -6,50 +6,137 @@ its key k (the projection's input) and its target g (the projection's output), a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import Cache
 
 from .models import LoadedModel
 
 
+MIN_SHARED_PREFIX = 2
+"""Shortest common token prefix worth one extra pass of its own (a lone BOS token is not)."""
+
+
 @dataclass
 class Encoded:
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
+    """A batch laid out as [shared prefix | left padding | each row's own tokens].
+
+    The prefix's keys and values are computed once, at batch size one, when the batch is encoded: the rows
+    sharing a few-shot preamble, or the rows of one prompt patched in several ways, then cost only their own
+    tokens. Hooks registered after encoding see only the rows' own tokens.
+    """
+
+    input_ids: torch.Tensor  # (B, T): each row's own tokens, left-padded
+    attention_mask: torch.Tensor  # (B, P + T): the prefix, then the rows
+    prefix_cache: Cache | None = None  # keys and values of the P shared tokens, batch size one
+
+    def cache(self) -> Cache | None:
+        """A fresh copy of the prefix cache for the whole batch (a forward pass appends to the one it gets)."""
+        if self.prefix_cache is None:
+            return None
+        cache = copy.deepcopy(self.prefix_cache)
+        cache.batch_repeat_interleave(self.input_ids.shape[0])
+        return cache
 
 
-def encode_ids(lm: LoadedModel, sequences: Sequence[Sequence[int]]) -> Encoded:
-    """Left-pad token-id sequences into one batch on the model's device."""
-    T = max(len(s) for s in sequences)
+def shared_prefix_length(sequences: Sequence[Sequence[int]], own_tokens: int = 1) -> int:
+    """Length of the common token prefix, leaving every sequence at least `own_tokens` tokens of its own."""
+    longest = min(len(s) for s in sequences) - own_tokens
+    first = sequences[0]
+    n = 0
+    while n < longest and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
+def token_batches(sequences: Sequence[Sequence[int]], max_rows: int) -> list[list[int]]:
+    """Indices of `sequences` grouped into batches that cost few token positions to run.
+
+    A batch costs its shared prefix once plus, per row, the longest row's own tokens (padding included).
+    Sequences go in token order, so rows that share a prefix (a preamble, a question template) sit together;
+    a sequence joins the open batch when that costs no more than starting a new one.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
+    batches: list[list[int]] = []
+    prefix = longest = 0
+    for i in order:
+        seq = sequences[i]
+        if batches and len(batches[-1]) < max_rows:
+            batch = batches[-1]
+            shared = min(prefix, _common_length(sequences[batch[0]], seq))
+            grown = shared + (len(batch) + 1) * (max(longest, len(seq)) - shared)
+            if grown <= prefix + len(batch) * (longest - prefix) + len(seq):
+                batch.append(i)
+                prefix, longest = shared, max(longest, len(seq))
+                continue
+        batches.append([i])
+        prefix = longest = len(seq)
+    return batches
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_ids(
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], share_prefix: bool = True, own_tokens: int = 1
+) -> Encoded:
+    """Left-pad token-id sequences into one batch on the model's device, running their shared prefix once.
+
+    Each row keeps at least `own_tokens` tokens out of the prefix: the positions whose outputs the caller reads.
+    """
+    P = shared_prefix_length(sequences, own_tokens) if share_prefix and len(sequences) > 1 else 0
+    if P < MIN_SHARED_PREFIX:
+        P = 0
+    rows = [s[P:] for s in sequences]
+    T = max(len(r) for r in rows)
     pad = lm.tokenizer.pad_token_id
-    ids = torch.full((len(sequences), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, T - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
-            mask[row, T - len(seq) :] = 1
-    return Encoded(ids.to(lm.device), mask.to(lm.device))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), P + T), dtype=torch.long)
+    mask[:, :P] = 1
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, T - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, P + T - len(row) :] = 1
+    cache = _prefix_cache(lm, list(sequences[0][:P])) if P else None
+    return Encoded(ids.to(lm.device), mask.to(lm.device), cache)
 
 
-def encode(lm: LoadedModel, prompts: Sequence[str]) -> Encoded:
-    return encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in prompts])
+@torch.no_grad()
+def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Cache:
+    if lm.before_pass:
+        lm.before_pass()
+    ids = torch.tensor([prefix], device=lm.device)
+    return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+
+
+def encode(lm: LoadedModel, prompts: Sequence[str], share_prefix: bool = True) -> Encoded:
+    return encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in prompts], share_prefix)
 
 
 def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
-    """The model's forward pass; positions count from each prompt's first real token."""
+    """The model's forward pass over the rows' own tokens; positions count from each prompt's first real token."""
     if lm.before_pass:
         lm.before_pass()
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -batch.input_ids.shape[1] :]
+    cache = batch.cache()
     return lm.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=positions,
+        cache=cache,
         logits_to_keep=logits_to_keep,
-        use_cache=False,
+        use_cache=cache is not None,
         **kwargs,
     )
 
@@ -80,9 +167,16 @@ def _hooks(lm: LoadedModel, layers: Sequence[int], hook_for) -> Iterator[None]:
         yield
 
 
-@torch.no_grad()
 def record_attn_out(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], stop_early: bool = True) -> AttnOutRecord:
     """One batched pass; the pass stops after the highest requested layer when `stop_early`."""
+    return record_attn_out_ids(lm, [lm.tokenizer(p)["input_ids"] for p in prompts], layers, stop_early)
+
+
+@torch.no_grad()
+def record_attn_out_ids(
+    lm: LoadedModel, sequences: Sequence[Sequence[int]], layers: Sequence[int], stop_early: bool = True
+) -> AttnOutRecord:
+    """`record_attn_out` for prompts already tokenized."""
     record = AttnOutRecord({}, {})
     last = max(layers)
 
@@ -95,7 +189,7 @@ def record_attn_out(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[in
 
         return hook
 
-    batch = encode(lm, prompts)
+    batch = encode_ids(lm, sequences)
     with _hooks(lm, layers, hook_for):
         try:
             forward(lm, batch)
@@ -123,8 +217,9 @@ def patched_last_logits(
 
         return hook
 
+    batch = encode(lm, prompts)
     with _hooks(lm, list(patches), hook_for):
-        return forward(lm, encode(lm, prompts))[:, -1].float()
+        return forward(lm, batch)[:, -1].float()
 
 
 @torch.no_grad()

@@ -1,0 +1,42 @@
+"""A batch's shared prefix runs once; the rows' results are those of running every prompt whole."""
+
+import torch
+
+from workers.engine.tracing import encode, forward, record_attn_out, shared_prefix_length, token_batches
+
+PREAMBLE = "The capital of France is Paris.\nThe author of Hamlet is William Shakespeare.\n"
+PROMPTS = [PREAMBLE + "The creator of C. Auguste Dupin is", PREAMBLE + "The capital of Lithuania is", PREAMBLE + "A"]
+
+
+def test_shared_prefix_leaves_every_row_a_token():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [3, 4]]) == 0
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]], own_tokens=3) == 1
+
+
+def test_prefix_sharing_gives_the_logits_of_whole_prompts(tiny):
+    shared, whole = encode(tiny, PROMPTS), encode(tiny, PROMPTS, share_prefix=False)
+    assert shared.prefix_cache is not None and shared.input_ids.shape[1] < whole.input_ids.shape[1]
+    # the last 3 positions are all real tokens in the first two rows; the third has only its last
+    kept_shared, kept_whole = forward(tiny, shared, logits_to_keep=3), forward(tiny, whole, logits_to_keep=3)
+    torch.testing.assert_close(kept_shared[:2], kept_whole[:2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kept_shared[2, -1], kept_whole[2, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_sharing_keeps_the_last_token_keys(tiny):
+    """Keys read after the prefix pass (hooks registered after encoding) are the whole prompts' keys."""
+    layers = range(tiny.num_layers)
+    shared = record_attn_out(tiny, PROMPTS, layers)
+    whole = [record_attn_out(tiny, [p], layers) for p in PROMPTS]  # batch of one: no shared prefix
+    for layer in layers:
+        torch.testing.assert_close(shared.inputs[layer], torch.cat([w.inputs[layer] for w in whole]), atol=1e-4, rtol=1e-4)
+
+
+def test_token_batches_group_shared_prefixes_and_cover_every_sequence():
+    qa = [[1, 7, 7, 7, 7, 7, 7, 2, n] for n in range(3)]
+    cloze = [[1, 9, n] for n in range(3)]
+    batches = token_batches([*cloze, *qa], max_rows=8)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert sorted(map(sorted, batches)) == [[0, 1, 2], [3, 4, 5]]  # the long template is not padded with the short
+    assert all(len(b) <= 2 for b in token_batches([*cloze, *qa], max_rows=2))
