@@ -2,7 +2,15 @@
 
 import torch
 
-from workers.engine.tracing import encode, forward, record_attn_out, shared_prefix_length, token_batches
+from workers.engine.tracing import (
+    encode,
+    encode_ids,
+    forward,
+    greedy_tokens,
+    record_attn_out,
+    shared_prefix_length,
+    token_batches,
+)
 
 PREAMBLE = "The capital of France is Paris.\nThe author of Hamlet is William Shakespeare.\n"
 PROMPTS = [PREAMBLE + "The creator of C. Auguste Dupin is", PREAMBLE + "The capital of Lithuania is", PREAMBLE + "A"]
@@ -40,3 +48,14 @@ def test_token_batches_group_shared_prefixes_and_cover_every_sequence():
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert sorted(map(sorted, batches)) == [[0, 1, 2], [3, 4, 5]]  # the long template is not padded with the short
     assert all(len(b) <= 2 for b in token_batches([*cloze, *qa], max_rows=2))
+
+
+def test_greedy_tokens_with_the_cache_match_recomputing_whole_prompts(tiny):
+    batch = encode(tiny, PROMPTS)
+    fast = greedy_tokens(tiny, batch, steps=3)
+    for row, prompt in enumerate(PROMPTS):
+        ids = tiny.tokenizer(prompt)["input_ids"]
+        for step in range(3):  # the reference: no cache, no shared prefix, the whole sequence every step
+            logits = forward(tiny, encode_ids(tiny, [ids], share_prefix=False))
+            ids = [*ids, int(logits[0, -1].argmax())]
+            assert ids[-1] == int(fast[row, step])

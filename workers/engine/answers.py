@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, forward, token_batches
+from .tracing import encode_ids, forward, greedy_tokens, token_batches
 
 BATCH = 48
 """Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
@@ -105,24 +105,13 @@ def score_answers(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Seq
     return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]
 
 
-@torch.no_grad()
 def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
     """The model's greedy continuation of each prompt, first line only, stripped."""
-    texts: list[str] = []
-    for start in range(0, len(prompts), BATCH):
-        chunk = prompts[start : start + BATCH]
-        # generate() takes the whole prompt, so no shared-prefix cache here
-        batch = encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in chunk], share_prefix=False)
-        if lm.before_pass:
-            lm.before_pass()
-        out = lm.model.generate(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )
-        for row in out[:, batch.input_ids.shape[1] :]:
+    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    texts: dict[int, str] = {}
+    for rows in token_batches(ids, BATCH):
+        tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens)
+        for i, row in zip(rows, tokens):
             line = lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0]
-            texts.append(line.strip().rstrip(".,;:").strip())
-    return texts
+            texts[i] = line.strip().rstrip(".,;:").strip()
+    return [texts[i] for i in range(len(prompts))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from hoppatch.spec import TwoHopExample
@@ -44,14 +44,24 @@ def _verdict(hop1: AnswerScore, hop2: AnswerScore, query: AnswerScore) -> Verdic
 
 
 def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str = "") -> list[Diagnosis]:
-    """Classify every example with one batched teacher-forced pass (plus one greedy pass for the queries)."""
-    prompts, answers = [], []
-    for ex in examples:
-        prompts += [preamble + ex.hop1.prompt, preamble + ex.hop2.prompt, preamble + ex.query]
-        answers += [answer_variants(ex.hop1.answer), answer_variants(ex.hop2.answer), answer_variants(ex.answer, ex.aliases)]
-    scores = score_answers(lm, prompts, answers)
-    predictions = greedy_answers(lm, [preamble + ex.query for ex in examples])
-    return [
-        Diagnosis(ex.id, _verdict(*scores[3 * i : 3 * i + 3]), *scores[3 * i : 3 * i + 3], predictions[i])
-        for i, ex in enumerate(examples)
-    ]
+    """Classify every example with one batched teacher-forced pass (plus one greedy pass for the queries).
+
+    Memoised on the warm model (whose base weights every job restores): a resubmitted example costs nothing.
+    """
+    memo: dict[tuple, Diagnosis] = lm.memo.setdefault(("diagnose", preamble), {})
+    keys = [_memo_key(ex) for ex in examples]
+    todo = list({key: ex for key, ex in zip(keys, examples) if key not in memo}.values())
+    if todo:
+        prompts, answers = [], []
+        for ex in todo:
+            prompts += [preamble + ex.hop1.prompt, preamble + ex.hop2.prompt, preamble + ex.query]
+            answers += [answer_variants(ex.hop1.answer), answer_variants(ex.hop2.answer), answer_variants(ex.answer, ex.aliases)]
+        scores = score_answers(lm, prompts, answers)
+        predictions = greedy_answers(lm, [preamble + ex.query for ex in todo])
+        for i, ex in enumerate(todo):
+            memo[_memo_key(ex)] = Diagnosis(ex.id, _verdict(*scores[3 * i : 3 * i + 3]), *scores[3 * i : 3 * i + 3], predictions[i])
+    return [replace(memo[key], example_id=ex.id) for key, ex in zip(keys, examples)]
+
+
+def _memo_key(ex: TwoHopExample) -> tuple:
+    return (ex.query, ex.answer, tuple(ex.aliases), ex.hop1.prompt, ex.hop1.answer, ex.hop2.prompt, ex.hop2.answer)

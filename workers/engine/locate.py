@@ -60,15 +60,20 @@ def band_windows(num_layers: int, width: int) -> list[list[int]]:
 def locate_layers(
     lm: LoadedModel, queries: Sequence[str], guides: Sequence[str], answers: Sequence[str], max_layers: int
 ) -> LocateResult:
-    """Per example one pass: its unpatched row, a row per single layer, and a row per window of `max_layers`."""
+    """Per example one pass: its unpatched row, a row per single layer, and a row per window of `max_layers`.
+
+    Each example's rows are memoised on the warm model (whose base weights every job restores).
+    """
     L = lm.num_layers
     windows = band_windows(L, max_layers)
     rows = [[], *([layer] for layer in range(L)), *windows]
-    effects, joint = [], []
-    for query, guide_out, answer in zip(queries, guide_outputs(lm, guides), answers):
-        logp = patched_logprobs(lm, query, guide_out, first_token(lm, answer), rows)
-        effects.append(logp[1 : L + 1] - logp[0])
-        joint.append(logp[L + 1 :])
-    effects_t, joint_mean = torch.stack(effects), torch.stack(joint).mean(0)
-    band = windows[int(joint_mean.argmax())]
-    return LocateResult(effects_t.tolist(), effects_t.mean(0).tolist(), band, joint_mean.tolist())
+    memo: dict[tuple, torch.Tensor] = lm.memo.setdefault(("locate", max_layers), {})
+    keys = list(zip(queries, guides, answers))
+    todo = [i for i, key in enumerate(keys) if key not in memo]
+    if todo:
+        for i, guide_out in zip(todo, guide_outputs(lm, [guides[i] for i in todo])):
+            memo[keys[i]] = patched_logprobs(lm, queries[i], guide_out, first_token(lm, answers[i]), rows)
+    logp = torch.stack([memo[key] for key in keys])  # (n, rows)
+    effects, joint = logp[:, 1 : L + 1] - logp[:, :1], logp[:, L + 1 :].mean(0)
+    band = windows[int(joint.argmax())]
+    return LocateResult(effects.tolist(), effects.mean(0).tolist(), band, joint.tolist())

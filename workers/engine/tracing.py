@@ -130,13 +130,13 @@ def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -batch.input_ids.shape[1] :]
     cache = batch.cache()
+    kwargs.setdefault("use_cache", cache is not None)
     return lm.model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=positions,
         cache=cache,
         logits_to_keep=logits_to_keep,
-        use_cache=cache is not None,
         **kwargs,
     )
 
@@ -144,6 +144,24 @@ def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs
 def forward(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1) -> torch.Tensor:
     """Logits of the last `logits_to_keep` positions: (B, K, V)."""
     return run_model(lm, batch, logits_to_keep).logits
+
+
+@torch.no_grad()
+def greedy_tokens(lm: LoadedModel, batch: Encoded, steps: int) -> torch.Tensor:
+    """The next `steps` greedy tokens of every row, decoded with the key/value cache: (B, steps)."""
+    out = run_model(lm, batch, use_cache=True)
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+    mask, tokens = batch.attention_mask, []
+    for _ in range(steps):
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        if len(tokens) == steps:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
+        if lm.before_pass:
+            lm.before_pass()
+        out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
+    return torch.cat(tokens, dim=1)
 
 
 class _StopForward(Exception):
