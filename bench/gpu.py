@@ -22,7 +22,9 @@ from bench.authors_recipe import authors_edit  # noqa: E402
 from hoppatch.spec import Hop, LabeledQuery, TwoHopExample  # noqa: E402
 from tests.tiny_models import tiny_tokenizer  # noqa: E402
 from workers.engine.diagnose import diagnose  # noqa: E402
-from workers.engine.edit import WeightSnapshot, creme_edit, preserved_key_sample  # noqa: E402
+from workers.engine.answers import answer_variants  # noqa: E402
+from workers.engine.calibrate import calibrate  # noqa: E402
+from workers.engine.edit import WeightSnapshot, creme_edit, key_statistics  # noqa: E402
 from workers.engine.evaluate import build_probes, read_after, read_before  # noqa: E402
 from workers.engine.locate import locate_layers  # noqa: E402
 from workers.engine.models import wrap_model  # noqa: E402
@@ -75,12 +77,12 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     lm = build(shape, device, dtype)
     band = shape["band"]
     query, guide = EXAMPLE.query, EXAMPLE.hop2.prompt
-    keys = preserved_key_sample(lm, [s.prompt for s in EXAMPLE.specificity] * 8, range(lm.num_layers))
+    preserved = key_statistics(lm, [s.prompt for s in EXAMPLE.specificity] * 8, band)
     snapshot = WeightSnapshot(lm, band)
     probes = build_probes([EXAMPLE], {})
 
     def engine_edit():
-        result = creme_edit(lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved_keys=keys)
+        result = creme_edit(lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved)
         snapshot.restore()
         return result
 
@@ -89,25 +91,25 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
         snapshot.restore()
 
     def whole_job():
-        stages = {}
+        stages, values = {}, {}
+        answers = [answer_variants(EXAMPLE.answer, EXAMPLE.aliases)]
         for stage, fn in (
             ("diagnose", lambda: diagnose(lm, [EXAMPLE])),
             ("locate", lambda: locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band))),
             ("evaluate_before", lambda: read_before(lm, probes, "")),
-            ("edit", lambda: creme_edit(lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved_keys=keys)),
+            ("edit", lambda: creme_edit(lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved)),
+            ("calibrate", lambda: calibrate(lm, values["edit"].deltas, snapshot, [query], answers)),
+            ("evaluate_after", lambda: read_after(lm, probes, values["evaluate_before"], "")),
         ):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            value = fn()
+            values[stage] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             stages[stage] = time.perf_counter() - started
-            if stage == "evaluate_before":
-                before = value
-        started = time.perf_counter()
-        read_after(lm, probes, before, "")
-        stages["evaluate_after"] = time.perf_counter() - started
         snapshot.restore()
-        lm.memo.clear()  # the next run scores "before" again, as a fresh job would
+        lm.memo.clear()  # the next run reads the base model again, as a fresh job would
         return stages
 
     engine_s, _ = timed(engine_edit, device)

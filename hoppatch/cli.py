@@ -12,6 +12,10 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from hoppatch.spec import Budget
+
+DEFAULT_BUDGET = Budget()
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 keys_app = typer.Typer(no_args_is_help=True, help="Create and revoke API keys (admin).")
 app.add_typer(keys_app, name="keys")
@@ -44,17 +48,17 @@ def edit(
     examples: Annotated[Path, typer.Option(help="Examples: a JSON list or JSON Lines (hoppatch.examples/v1)")],
     out: Annotated[Path, typer.Option(help="Directory for the artifacts; must not exist or be empty")],
     layers: Annotated[str | None, typer.Option(help="Edit these layers (e.g. 8-11) instead of locating them")] = None,
-    max_layers: Annotated[int, typer.Option(min=1, max=16)] = 4,
-    max_rank: Annotated[int, typer.Option(min=1, max=256)] = 64,
-    max_relative_norm: Annotated[float, typer.Option(min=0.0001, max=1.0)] = 0.25,
-    max_seconds: Annotated[float, typer.Option(min=1.0, max=7200.0)] = 1800.0,
+    max_layers: Annotated[int, typer.Option(min=1, max=16)] = DEFAULT_BUDGET.max_layers,
+    max_rank: Annotated[int, typer.Option(min=1, max=256)] = DEFAULT_BUDGET.max_rank,
+    max_relative_norm: Annotated[float, typer.Option(min=0.0001, max=1.0)] = DEFAULT_BUDGET.max_relative_norm,
+    max_seconds: Annotated[float, typer.Option(min=1.0, max=7200.0)] = DEFAULT_BUDGET.max_seconds,
     preamble_file: Annotated[Path | None, typer.Option(help="Few-shot prefix put before every prompt")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: GPU if present)")] = None,
 ) -> None:
     """Diagnose, locate, patch and evaluate on this machine, and write the artifacts to OUT."""
     import msgspec
 
-    from hoppatch.spec import Budget, ExamplesError, JobSpec, read_examples, read_preamble
+    from hoppatch.spec import ExamplesError, JobSpec, read_examples, read_preamble
 
     try:
         loaded = read_examples(examples)

@@ -50,7 +50,10 @@ def test_patch_corrects_and_is_measured(published):
     for rate in ("paraphrase_rate", "generalization_rate", "specificity_rate"):
         assert summary[rate] is not None and 0.0 <= summary[rate] <= 1.0
     assert summary["event_rate_after"] >= summary["event_rate_before"]
-    assert len(summary["layers"]) <= 4 and set(summary["seconds"]) >= {"diagnose", "locate", "edit", "evaluate", "publish"}
+    assert len(summary["layers"]) <= 4 and set(summary["seconds"]) >= {"diagnose", "locate", "edit", "calibrate", "evaluate", "publish"}
+    # calibration kept every corrected example, each with at most its full share of the update
+    scales = [ex["scale"] for ex in document["examples"]]
+    assert all(0.0 < s <= 1.0 for s in scales) and summary["dropped"] == 0 and summary["rank"] == len(EXAMPLES)
 
 
 def test_artifacts_round_trip(gemma, published):

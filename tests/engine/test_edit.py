@@ -2,8 +2,9 @@
 
 import torch
 
-from workers.engine.edit import EditConfig, WeightSnapshot, creme_edit, preserved_key_sample, solve_update
-from workers.engine.tracing import record_attn_out
+from workers.engine.calibrate import scale_examples
+from workers.engine.edit import EditConfig, WeightSnapshot, creme_edit, key_statistics, solve_update
+from workers.engine.tracing import encode, record_attn_inputs, record_attn_out
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
 GUIDE = "The nationality of Edgar Allan Poe is"
@@ -20,9 +21,9 @@ def test_edit_maps_the_query_key_to_the_guide_output(tiny):
 
 def test_whitened_edit_is_exact_and_rank_one(tiny):
     layer = 1
-    keys = preserved_key_sample(tiny, UNRELATED, [layer])
+    preserved = key_statistics(tiny, UNRELATED, [layer])
     target = record_attn_out(tiny, [GUIDE], [layer]).outputs[layer][0]
-    result = creme_edit(tiny, [QUERY], [GUIDE], [layer], max_rank=4, max_relative_norm=10.0, preserved_keys=keys)
+    result = creme_edit(tiny, [QUERY], [GUIDE], [layer], max_rank=4, max_relative_norm=10.0, preserved=preserved)
     assert result.deltas[0].rank == 1
     torch.testing.assert_close(record_attn_out(tiny, [QUERY], [layer]).outputs[layer][0], target, atol=1e-4, rtol=1e-4)
 
@@ -72,3 +73,25 @@ def test_norm_budget_caps_the_update(tiny):
     assert delta.scaled
     weight_norm = tiny.attn_out_weight(1).norm().item()
     assert abs(delta.dense().norm().item() / weight_norm - 1e-3) < 1e-5
+
+
+def test_key_statistics_are_the_prompts_keys(tiny):
+    layer = 2
+    stats = key_statistics(tiny, UNRELATED, [layer])[layer]
+    torch.testing.assert_close(stats.last, record_attn_out(tiny, UNRELATED, [layer]).inputs[layer], atol=1e-5, rtol=1e-4)
+    assert stats.moment.shape == (stats.last.shape[1],) * 2
+    torch.testing.assert_close(stats.moment, stats.moment.T)
+    [prompt] = UNRELATED[:1]
+    x = record_attn_inputs(tiny, encode(tiny, [prompt]), [layer])[layer][0]  # (T, in): one prompt, no padding
+    torch.testing.assert_close(key_statistics(tiny, [prompt], [layer])[layer].moment, x.T @ x / x.shape[0], atol=1e-5, rtol=1e-4)
+
+
+def test_scaling_examples_scales_their_columns_and_drops_zeros(tiny):
+    queries = [QUERY, "The capital of the country of Poe is", "The currency of Japan is"]
+    guides = [GUIDE, "The capital of United States is", "The currency of the yen is"]
+    [delta] = creme_edit(tiny, queries, guides, [1], max_rank=8, max_relative_norm=10.0).deltas
+    [scaled] = scale_examples([delta], [0.5, 0.0, 1.0])
+    assert scaled.rank == 2
+    expected = 0.5 * delta.left[:, :1] @ delta.right[:1] + delta.left[:, 2:] @ delta.right[2:]
+    torch.testing.assert_close(scaled.dense(), expected)
+    assert abs(scaled.relative_norm / delta.relative_norm - expected.norm().item() / delta.dense().norm().item()) < 1e-5

@@ -15,6 +15,8 @@ Two generalisations, both reducing to the formula above when their knobs are off
 - the norm is measured in the metric of `C`, the second moment of the projection's inputs over a sample of
   unrelated cloze prompts (ROME's C⁻¹k key): among all updates with ΔW K = R it changes those prompts' outputs
   least. The plain key kᵀ/‖k‖² overlaps with every prompt that ends like the query, and moves them all.
+  C counts the prompts' keys at their last token (where an answer is read) and at every position (an edit
+  there moves what later tokens attend to; ROME's statistics are all-position too).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import LoadedModel
-from .tracing import record_attn_out, record_attn_out_ids, token_batches
+from .tracing import encode_ids, record_attn_inputs, record_attn_out, record_attn_out_ids, token_batches
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,14 @@ class EditConfig:
     """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible and the update small."""
     counterfactual_weight: float = 3.0
     """Scale of the counterfactual keys (the query's template, other subjects); their moment weighs its square."""
+    all_positions_weight: float = 1.0
+    """Weight of the preserved prompts' all-position moment, relative to the last-token moments' scale."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
 
     def __post_init__(self) -> None:
-        if self.preserve_weight < 0:
-            raise ValueError("`preserve_weight` must be ≥ 0")
+        if self.preserve_weight < 0 or self.all_positions_weight < 0:
+            raise ValueError("`preserve_weight` and `all_positions_weight` must be ≥ 0")
         if self.ridge <= 0:
             raise ValueError("`ridge` must be > 0")
         if self.target_scale <= 0:
@@ -76,12 +80,24 @@ class EditResult:
     seconds: float = 0.0
 
 
-def key_metric(preserved: Sequence[torch.Tensor], dim: int, config: EditConfig) -> torch.Tensor:
-    """C = w·Σ_sets E[k kᵀ] over the preserved key sets + ridge·(mean eigenvalue)·I, in float64: (in, in)."""
+@dataclass(frozen=True)
+class KeyStatistics:
+    """Unrelated prompts' projection inputs at one layer: what a patch is solved to leave alone."""
+
+    last: torch.Tensor  # (N, in): each prompt's key at its last token
+    moment: torch.Tensor  # (in, in): mean k kᵀ over every token position of the prompts
+
+
+def key_metric(
+    preserved: Sequence[torch.Tensor], dim: int, config: EditConfig, all_positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """C = w·Σ_sets E[k kᵀ] (+ the all-position moment, matched in scale) + ridge·(mean eigenvalue)·I: (in, in), float64."""
     if not preserved or config.preserve_weight == 0:
         return torch.eye(dim, dtype=torch.float64)
-    moment = sum(keys.double().T @ keys.double() / keys.shape[0] for keys in preserved)
-    moment = config.preserve_weight * moment
+    moment = config.preserve_weight * sum(keys.double().T @ keys.double() / keys.shape[0] for keys in preserved)
+    if all_positions is not None and config.all_positions_weight > 0:
+        all_positions = all_positions.double().to(moment.device)
+        moment = moment + config.all_positions_weight * moment.diagonal().mean() / all_positions.diagonal().mean() * all_positions
     scale = moment.diagonal().mean()
     return moment + config.ridge * scale * torch.eye(dim, dtype=torch.float64, device=moment.device)
 
@@ -119,14 +135,14 @@ def creme_edit(
     *,
     max_rank: int,
     max_relative_norm: float,
-    preserved_keys: dict[int, torch.Tensor] | None = None,
+    preserved: dict[int, KeyStatistics] | None = None,
     counterfactuals: Sequence[str] = (),
     config: EditConfig = EditConfig(),
 ) -> EditResult:
     """Edit `layers` in ascending order, in place; the caller restores the base weights.
 
     Per layer one batched pass of [queries, guides], stopped right after that layer's projection.
-    `preserved_keys` are generic unrelated prompts' keys per layer; `counterfactuals` are the query's own
+    `preserved` holds generic unrelated prompts' key statistics per layer; `counterfactuals` are the query's own
     template with other subjects, whose keys are read in one pass on the unedited model (the edits are made
     to leave them alone, so the partly edited model would give nearly the same keys).
     """
@@ -139,10 +155,10 @@ def creme_edit(
         keys = record.inputs[layer][:n]  # (n, in)
         outputs = record.outputs[layer]  # (2n, out)
         residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
-        preserved = [preserved_keys[layer]] if preserved_keys else []
+        sets = [preserved[layer].last] if preserved else []
         if counterfactuals:
-            preserved.append(config.counterfactual_weight * counterfactual_keys[layer])
-        metric = key_metric(preserved, keys.shape[1], config)
+            sets.append(config.counterfactual_weight * counterfactual_keys[layer])
+        metric = key_metric(sets, keys.shape[1], config, preserved[layer].moment if preserved else None)
         left, right = solve_update(keys, residuals, metric.to(keys.device), max_rank)
         weight = lm.attn_out_weight(layer)
         relative = (left @ right).norm().item() / weight.float().norm().item()
@@ -172,6 +188,24 @@ def preserved_key_sample(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
             inputs = record.inputs[layer]
             keys.setdefault(layer, inputs.new_empty(len(prompts), inputs.shape[1]))[rows] = inputs
     return keys
+
+
+@torch.no_grad()
+def key_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch: int = 64) -> dict[int, KeyStatistics]:
+    """Last-token keys and the all-position key moment of unrelated prompts, per layer, in one pass per batch."""
+    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    last: dict[int, torch.Tensor] = {}
+    sums: dict[int, torch.Tensor] = {}
+    positions = 0
+    for rows in token_batches(ids, batch):
+        encoded = encode_ids(lm, [ids[i] for i in rows])
+        own = encoded.attention_mask[:, -encoded.input_ids.shape[1] :].bool()
+        positions += int(own.sum())
+        for layer, inputs in record_attn_inputs(lm, encoded, layers).items():
+            last.setdefault(layer, inputs.new_empty(len(prompts), inputs.shape[-1]))[rows] = inputs[:, -1]
+            x = inputs[own].double()
+            sums[layer] = sums.get(layer, 0) + x.T @ x
+    return {layer: KeyStatistics(last[layer], (sums[layer] / positions).float()) for layer in layers}
 
 
 class WeightSnapshot:

@@ -1,4 +1,4 @@
-"""One edit job, stage by stage: diagnose → locate → edit → evaluate. `publish` writes what it found.
+"""One edit job, stage by stage: diagnose → locate → edit → calibrate → evaluate. `publish` writes what it found.
 
 The model is edited in place and its touched weights are restored, bit-identical, before `run_job` returns.
 """
@@ -10,7 +10,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -22,8 +22,10 @@ from hoppatch.spec import JobSpec, TwoHopExample
 
 from .delta import weight_sha256
 from .diagnose import Diagnosis, diagnose
-from .edit import EditConfig, EditResult, WeightSnapshot, creme_edit, preserved_key_sample
+from .edit import EditConfig, EditResult, KeyStatistics, WeightSnapshot, creme_edit, key_statistics
 from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
+from .answers import answer_variants
+from .calibrate import calibrate
 from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_before
 from .lens import LensCurve, logit_lens
 from .locate import LocateResult, locate_layers
@@ -75,6 +77,7 @@ class JobOutcome:
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     base_hashes: dict[str, str] = field(default_factory=dict)
+    scales: list[float] | None = None  # per patched example, its share of the update after calibration
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -106,29 +109,32 @@ class _Clock:
             self.outcome.seconds[name] = self.outcome.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def preserved_keys(lm: LoadedModel, preamble: str) -> dict[int, torch.Tensor]:
-    """Preserved-prompt keys at every layer: kept warm on the model, and cached on disk across processes.
+def preserved_statistics(lm: LoadedModel, preamble: str, layers: Sequence[int]) -> dict[int, KeyStatistics]:
+    """Key statistics of the shipped unrelated prompts at `layers`: kept warm on the model, cached on disk.
 
-    The disk cache is keyed by the model's first attention weight, the preamble and the prompts, so a
-    changed model or prompt set never reuses stale keys.
+    One file per layer (a 7B model's all-position moment is 64 MB a layer, so only edited layers are kept),
+    keyed by the model's first attention weight, the preamble and the prompts: a changed model or prompt set
+    never reuses stale statistics.
     """
-    memo_key = ("preserved_keys", preamble)
-    if memo_key in lm.memo:
-        return lm.memo[memo_key]
+    memo: dict[int, KeyStatistics] = lm.memo.setdefault(("preserved", preamble), {})
     prompts = [preamble + p for p in preserve_prompts()]
     digest = hashlib.sha256(weight_sha256(lm.attn_out(0).weight).encode())
     digest.update("\x00".join(prompts).encode())
-    path = cache_root() / "preserved-keys" / f"{digest.hexdigest()[:32]}.safetensors"
-    if path.exists():
-        keys = {int(layer): t.to(lm.device) for layer, t in load_file(str(path)).items()}
-    else:
-        keys = preserved_key_sample(lm, prompts, range(lm.num_layers))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(f".{os.getpid()}.partial")
-        save_file({str(layer): t.float().cpu().contiguous() for layer, t in keys.items()}, str(staging))
-        staging.rename(path)
-    lm.memo[memo_key] = keys
-    return keys
+    directory = cache_root() / "preserved-keys" / digest.hexdigest()[:32]
+    for layer in layers:
+        path = directory / f"layer-{layer}.safetensors"
+        if layer not in memo and path.exists():
+            tensors = load_file(str(path), device=str(lm.device))
+            memo[layer] = KeyStatistics(tensors["last"], tensors["moment"])
+    missing = [layer for layer in layers if layer not in memo]
+    if missing:
+        directory.mkdir(parents=True, exist_ok=True)
+        for layer, stats in key_statistics(lm, prompts, missing).items():
+            staging = directory / f".layer-{layer}.{os.getpid()}.partial"
+            save_file({"last": stats.last.cpu().contiguous(), "moment": stats.moment.cpu().contiguous()}, str(staging))
+            staging.rename(directory / f"layer-{layer}.safetensors")
+            memo[layer] = stats
+    return {layer: memo[layer] for layer in layers}
 
 
 def run_job(
@@ -169,7 +175,7 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
         outcome.lens = {ex.id: c for ex, c in zip(outcome.patched, curves)}
         outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
         outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
-        keys = preserved_keys(lm, pre)
+        preserved = preserved_statistics(lm, pre, outcome.layers)
         descriptions = first_hop_descriptions()
         each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(outcome.patched)))
         counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions, each)]
@@ -187,11 +193,15 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
                 lm, queries, guides, outcome.layers,
                 max_rank=spec.budget.max_rank,
                 max_relative_norm=spec.budget.max_relative_norm,
-                preserved_keys=keys,
+                preserved=preserved,
                 counterfactuals=counterfactuals,
                 config=config,
             )
-        with clock.stage("evaluate", 0.65, "scoring the probes after the edit"):
+        if all(d.rank == len(queries) for d in outcome.edit.deltas):  # one column per example: not compressed
+            with clock.stage("calibrate", 0.6, "scaling each example's share to the least that corrects it"):
+                variants = [answer_variants(ex.answer, ex.aliases) for ex in outcome.patched]
+                outcome.edit.deltas, outcome.scales = calibrate(lm, outcome.edit.deltas, snapshot, queries, variants)
+        with clock.stage("evaluate", 0.7, "scoring the probes after the edit"):
             after = read_after(lm, probes, before, pre)
             outcome.perplexity_after = perplexity(lm)
     finally:

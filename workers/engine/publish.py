@@ -50,9 +50,11 @@ def metrics(outcome: JobOutcome) -> dict:
         "perplexity_after": outcome.perplexity_after,
         "layers": outcome.layers,
         "rank": max((d.rank for d in edit.deltas), default=0) if edit else 0,
+        "dropped": sum(s == 0 for s in outcome.scales or []),
         "relative_norms": {d.layer: round(d.relative_norm, 6) for d in edit.deltas} if edit else {},
         "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()},
     }
+    scales = dict(zip((ex.id for ex in outcome.patched), outcome.scales)) if outcome.scales else {}
     by_example = {ex.id: [] for ex in outcome.patched}
     for p in probes:
         by_example[p.probe.example_id].append(
@@ -75,6 +77,7 @@ def metrics(outcome: JobOutcome) -> dict:
                 "hop1": {"gives": d.hop1.gives, "p": d.hop1.p_first},
                 "hop2": {"gives": d.hop2.gives, "p": d.hop2.p_first},
                 "query": {"gives": d.query.gives, "p": d.query.p_first},
+                "scale": scales.get(ex.id),
                 "probes": by_example.get(ex.id, []),
             }
         )

@@ -217,6 +217,32 @@ def record_attn_out_ids(
 
 
 @torch.no_grad()
+def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The projection's inputs at every position of the rows' own tokens: {layer: (B, T, in)}.
+
+    The pass stops after the highest requested layer. Padding positions are included; mask them with
+    the last T columns of `batch.attention_mask`.
+    """
+    inputs: dict[int, torch.Tensor] = {}
+    last = max(layers)
+
+    def hook_for(layer: int):
+        def hook(module, args, output):
+            inputs[layer] = args[0].detach().float()
+            if layer == last:
+                raise _StopForward
+
+        return hook
+
+    with _hooks(lm, layers, hook_for):
+        try:
+            forward(lm, batch)
+        except _StopForward:
+            pass
+    return inputs
+
+
+@torch.no_grad()
 def patched_last_logits(
     lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
