@@ -196,23 +196,12 @@ def record_attn_out_ids(
 ) -> AttnOutRecord:
     """`record_attn_out` for prompts already tokenized."""
     record = AttnOutRecord({}, {})
-    last = max(layers)
 
-    def hook_for(layer: int):
-        def hook(module, args, output):
-            record.inputs[layer] = args[0][:, -1].detach().float()
-            record.outputs[layer] = output[:, -1].detach().float()
-            if stop_early and layer == last:
-                raise _StopForward
+    def capture(layer: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        record.inputs[layer] = inputs[:, -1].detach().float()
+        record.outputs[layer] = output[:, -1].detach().float()
 
-        return hook
-
-    batch = encode_ids(lm, sequences)
-    with _hooks(lm, layers, hook_for):
-        try:
-            forward(lm, batch)
-        except _StopForward:
-            pass
+    _run_capturing(lm, encode_ids(lm, sequences), layers, capture, stop_early)
     return record
 
 
@@ -224,12 +213,19 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
     the last T columns of `batch.attention_mask`.
     """
     inputs: dict[int, torch.Tensor] = {}
+    _run_capturing(lm, batch, layers, lambda layer, x, _: inputs.__setitem__(layer, x.detach().float()))
+    return inputs
+
+
+def _run_capturing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], capture, stop_early: bool = True) -> None:
+    """One pass calling `capture(layer, inputs, output)` at each requested projection; it stops after the
+    highest one when `stop_early` (the layers above cannot change what was captured)."""
     last = max(layers)
 
     def hook_for(layer: int):
         def hook(module, args, output):
-            inputs[layer] = args[0].detach().float()
-            if layer == last:
+            capture(layer, args[0], output)
+            if stop_early and layer == last:
                 raise _StopForward
 
         return hook
@@ -239,7 +235,6 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
             forward(lm, batch)
         except _StopForward:
             pass
-    return inputs
 
 
 @torch.no_grad()
