@@ -13,7 +13,8 @@ from workers.engine.tracing import (
 )
 
 PREAMBLE = "The capital of France is Paris.\nThe author of Hamlet is William Shakespeare.\n"
-PROMPTS = [PREAMBLE + "The creator of C. Auguste Dupin is", PREAMBLE + "The capital of Lithuania is", PREAMBLE + "A"]
+PROMPTS = [PREAMBLE + "The creator of C. Auguste Dupin is", PREAMBLE + "The capital of Lithuania is", PREAMBLE + "A"] * 4
+"""Enough rows that running the preamble once saves what `MIN_SAVED_TOKENS` asks."""
 
 
 def test_shared_prefix_leaves_every_row_a_token():
@@ -26,10 +27,11 @@ def test_shared_prefix_leaves_every_row_a_token():
 def test_prefix_sharing_gives_the_logits_of_whole_prompts(tiny):
     shared, whole = encode(tiny, PROMPTS), encode(tiny, PROMPTS, share_prefix=False)
     assert shared.prefix_cache is not None and shared.input_ids.shape[1] < whole.input_ids.shape[1]
-    # the last 3 positions are all real tokens in the first two rows; the third has only its last
+    # the last 3 positions are all real tokens in the first two rows of each three; the third has only its last
     kept_shared, kept_whole = forward(tiny, shared, logits_to_keep=3), forward(tiny, whole, logits_to_keep=3)
-    torch.testing.assert_close(kept_shared[:2], kept_whole[:2], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(kept_shared[2, -1], kept_whole[2, -1], atol=1e-4, rtol=1e-4)
+    full, short = [i for i in range(len(PROMPTS)) if i % 3 != 2], [i for i in range(len(PROMPTS)) if i % 3 == 2]
+    torch.testing.assert_close(kept_shared[full], kept_whole[full], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kept_shared[short, -1], kept_whole[short, -1], atol=1e-4, rtol=1e-4)
 
 
 def test_prefix_sharing_keeps_the_last_token_keys(tiny):

@@ -17,8 +17,9 @@ from transformers import Cache
 from .models import LoadedModel
 
 
-MIN_SHARED_PREFIX = 2
-"""Shortest common token prefix worth one extra pass of its own (a lone BOS token is not)."""
+MIN_SAVED_TOKENS = 128
+"""Token positions a shared prefix must save, (B − 1)·P, to be worth a pass of its own: a few saved tokens
+cost more than the extra pass, which on a GPU is a whole pass's worth of kernel launches."""
 
 
 @dataclass
@@ -95,7 +96,7 @@ def encode_ids(
     Each row keeps at least `own_tokens` tokens out of the prefix: the positions whose outputs the caller reads.
     """
     P = shared_prefix_length(sequences, own_tokens) if share_prefix and len(sequences) > 1 else 0
-    if P < MIN_SHARED_PREFIX:
+    if P * (len(sequences) - 1) < MIN_SAVED_TOKENS:
         P = 0
     rows = [s[P:] for s in sequences]
     T = max(len(r) for r in rows)
