@@ -81,9 +81,13 @@ def test_key_statistics_are_the_prompts_keys(tiny):
     torch.testing.assert_close(stats.last, record_attn_out(tiny, UNRELATED, [layer]).inputs[layer], atol=1e-5, rtol=1e-4)
     assert stats.moment.shape == (stats.last.shape[1],) * 2
     torch.testing.assert_close(stats.moment, stats.moment.T)
-    [prompt] = UNRELATED[:1]
-    x = record_attn_inputs(tiny, encode(tiny, [prompt]), [layer])[layer][0]  # (T, in): one prompt, no padding
-    torch.testing.assert_close(key_statistics(tiny, [prompt], [layer])[layer].moment, x.T @ x / x.shape[0], atol=1e-5, rtol=1e-4)
+    # the moment counts every position after the prompts' common prefix ("The"), whatever the batching
+    whole = [record_attn_inputs(tiny, encode(tiny, [p]), [layer])[layer][0] for p in UNRELATED]  # (T, in) each
+    common = len(tiny.tokenizer("The")["input_ids"])
+    x = torch.cat([w[common:] for w in whole])
+    for batch in (1, 64):
+        stats = key_statistics(tiny, UNRELATED, [layer], batch=batch)[layer]
+        torch.testing.assert_close(stats.moment, x.T @ x / x.shape[0], atol=1e-5, rtol=1e-4)
 
 
 def test_scaling_examples_scales_their_columns_and_drops_zeros(tiny):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, record_attn_inputs, record_attn_out, record_attn_out_ids, token_batches
+from .tracing import encode_ids, record_attn_inputs, record_attn_out, record_attn_out_ids, shared_prefix_length, token_batches
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class KeyStatistics:
     """Unrelated prompts' projection inputs at one layer: what a patch is solved to leave alone."""
 
     last: torch.Tensor  # (N, in): each prompt's key at its last token
-    moment: torch.Tensor  # (in, in): mean k kᵀ over every token position of the prompts
+    moment: torch.Tensor  # (in, in): mean k kᵀ over every position after the prompts' common prefix
 
 
 def key_metric(
@@ -192,20 +192,24 @@ def preserved_key_sample(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
 
 @torch.no_grad()
 def key_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch: int = 64) -> dict[int, KeyStatistics]:
-    """Last-token keys and the all-position key moment of unrelated prompts, per layer, in one pass per batch."""
+    """Last-token keys and the key moment over every position after the prompts' common prefix (their
+    preamble, whose keys are the same in every prompt), per layer, in one pass per batch."""
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    common = shared_prefix_length(ids) if len(ids) > 1 else 0
     last: dict[int, torch.Tensor] = {}
     sums: dict[int, torch.Tensor] = {}
-    positions = 0
+    count = 0
     for rows in token_batches(ids, batch):
-        encoded = encode_ids(lm, [ids[i] for i in rows])
-        own = encoded.attention_mask[:, -encoded.input_ids.shape[1] :].bool()
-        positions += int(own.sum())
+        # every position is run here, so which ones count does not depend on how the batch was cut
+        encoded = encode_ids(lm, [ids[i] for i in rows], share_prefix=False)
+        positions = encoded.attention_mask.cumsum(-1) - 1
+        counted = encoded.attention_mask.bool() & (positions >= common)
+        count += int(counted.sum())
         for layer, inputs in record_attn_inputs(lm, encoded, layers).items():
             last.setdefault(layer, inputs.new_empty(len(prompts), inputs.shape[-1]))[rows] = inputs[:, -1]
-            x = inputs[own].double()
+            x = inputs[counted].double()
             sums[layer] = sums.get(layer, 0) + x.T @ x
-    return {layer: KeyStatistics(last[layer], (sums[layer] / positions).float()) for layer in layers}
+    return {layer: KeyStatistics(last[layer], (sums[layer] / count).float()) for layer in layers}
 
 
 class WeightSnapshot:

@@ -211,7 +211,7 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
     """The projection's inputs at every position of the rows' own tokens: {layer: (B, T, in)}.
 
     The pass stops after the highest requested layer. Padding positions are included; mask them with
-    the last T columns of `batch.attention_mask`.
+    the last T columns of `batch.attention_mask` (all of it, for a batch encoded without a shared prefix).
     """
     inputs: dict[int, torch.Tensor] = {}
     _run_capturing(lm, batch, layers, lambda layer, x, _: inputs.__setitem__(layer, x.detach().float()))
