@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from hoppatch.spec import JobSpec, TwoHopExample
 
+from .answers import answer_variants
+from .calibrate import calibrate
 from .delta import weight_sha256
 from .diagnose import Diagnosis, diagnose
 from .edit import EditConfig, EditResult, KeyStatistics, WeightSnapshot, creme_edit, key_statistics
 from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
-from .answers import answer_variants
-from .calibrate import calibrate
 from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_before
 from .lens import LensCurve, logit_lens
 from .locate import LocateResult, locate_layers
@@ -109,16 +109,21 @@ class _Clock:
             self.outcome.seconds[name] = self.outcome.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
+KEY_STATISTICS_FORMAT = "last-token keys + moment after the common prefix, v1"
+"""Part of the statistics' cache key: change it whenever `key_statistics` computes something else."""
+
+
 def preserved_statistics(lm: LoadedModel, preamble: str, layers: Sequence[int]) -> dict[int, KeyStatistics]:
     """Key statistics of the shipped unrelated prompts at `layers`: kept warm on the model, cached on disk.
 
     One file per layer (a 7B model's all-position moment is 64 MB a layer, so only edited layers are kept),
-    keyed by the model's first attention weight, the preamble and the prompts: a changed model or prompt set
-    never reuses stale statistics.
+    keyed by what the statistics are, the model's first attention weight, the preamble and the prompts: a
+    changed definition, model or prompt set never reuses stale statistics.
     """
     memo: dict[int, KeyStatistics] = lm.memo.setdefault(("preserved", preamble), {})
     prompts = [preamble + p for p in preserve_prompts()]
-    digest = hashlib.sha256(weight_sha256(lm.attn_out(0).weight).encode())
+    digest = hashlib.sha256(KEY_STATISTICS_FORMAT.encode())
+    digest.update(weight_sha256(lm.attn_out(0).weight).encode())
     digest.update("\x00".join(prompts).encode())
     directory = cache_root() / "preserved-keys" / digest.hexdigest()[:32]
     for layer in layers:
