@@ -47,11 +47,7 @@ class Encoded:
 def shared_prefix_length(sequences: Sequence[Sequence[int]], own_tokens: int = 1) -> int:
     """Length of the common token prefix, leaving every sequence at least `own_tokens` tokens of its own."""
     longest = min(len(s) for s in sequences) - own_tokens
-    first = sequences[0]
-    n = 0
-    while n < longest and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
+    return max(0, min([longest, *(_common_length(sequences[0], s) for s in sequences[1:])]))
 
 
 def token_batches(sequences: Sequence[Sequence[int]], max_rows: int) -> list[list[int]]:
