@@ -2,9 +2,20 @@
 
 import torch
 
-from workers.engine.calibrate import scale_examples
-from workers.engine.edit import EditConfig, WeightSnapshot, creme_edit, key_statistics, solve_update
-from workers.engine.tracing import encode, record_attn_inputs, record_attn_out
+from workers.engine.calibrate import mixed_deltas, scale_examples
+from workers.engine.edit import (
+    EditConfig,
+    apply_layer_delta,
+    KeyStatistics,
+    WeightSnapshot,
+    creme_edit,
+    key_metric,
+    key_statistics,
+    last_token_keys,
+    low_rank_norm,
+    solve_update,
+)
+from workers.engine.tracing import encode, forward, record_attn_inputs, record_attn_out
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
 GUIDE = "The nationality of Edgar Allan Poe is"
@@ -31,9 +42,34 @@ def test_whitened_edit_is_exact_and_rank_one(tiny):
 def test_plain_metric_gives_the_papers_formula():
     torch.manual_seed(0)
     k, r = torch.randn(1, 16), torch.randn(1, 8)
-    left, right = solve_update(k, r, torch.eye(16, dtype=torch.float64), max_rank=4)
+    left, right = solve_update(k, r, key_metric([], 16, EditConfig(preserve_weight=0)), max_rank=4)
     expected = r.T.double() @ k.double() / k.double().norm() ** 2  # (g − Wk) kᵀ / ‖k‖²
     torch.testing.assert_close(left @ right, expected)
+
+
+def test_key_metric_solves_like_the_dense_metric():
+    """C⁻¹K through the cached base factor and Woodbury equals solving with C formed whole."""
+    torch.manual_seed(0)
+    dim, config = 24, EditConfig()
+    preserved, counterfactual, keys = torch.randn(40, dim), torch.randn(6, dim), torch.randn(dim, 3).double()
+    positions = torch.randn(200, dim)
+    stats = KeyStatistics(preserved, positions.T @ positions / 200)
+    sets = [preserved, config.counterfactual_weight * counterfactual]
+    moment = sum(s.double().T @ s.double() / s.shape[0] for s in sets) * config.preserve_weight
+    A = stats.moment.double()
+    moment = moment + config.all_positions_weight * moment.diagonal().mean() / A.diagonal().mean() * A
+    dense = moment + config.ridge * moment.diagonal().mean() * torch.eye(dim, dtype=torch.float64)
+    metric = key_metric(sets, dim, config, stats)
+    torch.testing.assert_close(metric.dense(), dense)
+    torch.testing.assert_close(metric.solve(keys), torch.linalg.solve(dense, keys))
+    no_positions = key_metric(sets, dim, config)
+    torch.testing.assert_close(no_positions.solve(keys), torch.linalg.solve(no_positions.dense(), keys))
+
+
+def test_low_rank_norm_is_the_frobenius_norm_of_the_product():
+    torch.manual_seed(0)
+    left, right = torch.randn(12, 3), torch.randn(3, 20)
+    assert abs(low_rank_norm(left, right) - float((left @ right).norm())) < 1e-4
 
 
 def test_several_examples_share_one_update_of_rank_n(tiny):
@@ -99,3 +135,32 @@ def test_scaling_examples_scales_their_columns_and_drops_zeros(tiny):
     expected = 0.5 * delta.left[:, :1] @ delta.right[:1] + delta.left[:, 2:] @ delta.right[2:]
     torch.testing.assert_close(scaled.dense(), expected)
     assert abs(scaled.relative_norm / delta.relative_norm - expected.norm().item() / delta.dense().norm().item()) < 1e-5
+
+
+def test_last_token_keys_are_read_once_and_kept_in_order(tiny):
+    layers, memo = [1, 2], {}
+    first = last_token_keys(tiny, UNRELATED[:2], layers, memo)
+    both = last_token_keys(tiny, UNRELATED[::-1], layers, memo)  # two kept, two read now
+    assert len(memo) == len(UNRELATED) * len(layers)
+    fresh = record_attn_out(tiny, UNRELATED[::-1], layers)
+    for layer in layers:
+        torch.testing.assert_close(both[layer], fresh.inputs[layer], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(first[layer], both[layer][[3, 2]])
+
+
+def test_mixed_deltas_run_each_row_with_its_own_scales(tiny):
+    """A row's mix of example shares, added in hooks, gives the logits of those shares added to the weights."""
+    queries = [QUERY, "The capital of the country of Poe is"]
+    guides = [GUIDE, "The capital of United States is"]
+    snapshot = WeightSnapshot(tiny, [1, 2])
+    deltas = creme_edit(tiny, queries, guides, [1, 2], max_rank=8, max_relative_norm=10.0).deltas
+    snapshot.restore()
+    mixes = [[0.0, 0.0], [1.0, 1.0], [0.3, 0.0], [0.5, 1.0]]
+    batch = encode(tiny, [QUERY] * len(mixes), share_prefix=False)
+    with mixed_deltas(tiny, deltas, torch.tensor(mixes)):
+        mixed = forward(tiny, batch)[:, -1]
+    for row, mix in enumerate(mixes):
+        for delta in scale_examples(deltas, mix):
+            apply_layer_delta(tiny, delta)
+        torch.testing.assert_close(mixed[row], forward(tiny, encode(tiny, [QUERY]))[0, -1], atol=1e-4, rtol=1e-4)
+        snapshot.restore()

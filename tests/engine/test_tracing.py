@@ -6,6 +6,7 @@ from workers.engine.tracing import (
     encode,
     encode_ids,
     forward,
+    forward_at,
     greedy_tokens,
     record_attn_out,
     shared_prefix_length,
@@ -14,7 +15,7 @@ from workers.engine.tracing import (
 
 PREAMBLE = "The capital of France is Paris.\nThe author of Hamlet is William Shakespeare.\n"
 PROMPTS = [PREAMBLE + "The creator of C. Auguste Dupin is", PREAMBLE + "The capital of Lithuania is", PREAMBLE + "A"] * 4
-"""Enough rows that running the preamble once saves what `MIN_SAVED_TOKENS` asks."""
+"""Enough rows that running the preamble once saves more than a pass costs on the CPU (`PASS_OVERHEAD_TOKENS`)."""
 
 
 def test_shared_prefix_leaves_every_row_a_token():
@@ -61,3 +62,9 @@ def test_greedy_tokens_with_the_cache_match_recomputing_whole_prompts(tiny):
             logits = forward(tiny, encode_ids(tiny, [ids], share_prefix=False))
             ids = [*ids, int(logits[0, -1].argmax())]
             assert ids[-1] == int(fast[row, step])
+
+
+def test_logits_at_kept_positions_are_those_of_the_whole_forward(tiny):
+    batch = encode(tiny, PROMPTS[:3])
+    keep = torch.tensor([[True, False, True], [False, False, True], [False, True, False]])
+    torch.testing.assert_close(forward_at(tiny, batch, keep), forward(tiny, batch, logits_to_keep=3)[keep], atol=1e-5, rtol=1e-5)

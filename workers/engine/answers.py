@@ -7,13 +7,17 @@ the first words of a long name ("United States" for "United States of America").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, forward, greedy_tokens, token_batches
+from .tracing import encode_ids, forward_at, greedy_tokens, pass_overhead_tokens, token_batches
+
+AroundPass = Callable[[list[int]], AbstractContextManager]
+"""Given the indices of the prompts in a forward pass, a context to run that pass in."""
 
 BATCH = 48
 """Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
@@ -62,35 +66,45 @@ class _Forced:
 
 
 @torch.no_grad()
-def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[_Forced]:
+def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]], around_pass: AroundPass | None = None) -> list[_Forced]:
     """Teacher-force each (prompt, answer) pair; the first answer step also gives the prompt's next-token view.
 
-    Pairs are grouped by `token_batches`: shared prefixes (the preamble, a question template) run once.
+    Pairs are grouped by `token_batches`: shared prefixes (the preamble, a question template) run once,
+    unless `around_pass` (called with each pass's pair indices) changes the model row by row.
     """
     splits = [_split(lm, prompt, answer) for prompt, answer in pairs]
     results: dict[int, _Forced] = {}
-    for chunk in token_batches([p + a for p, a in splits], BATCH):
-        K = max(len(splits[i][1]) for i in chunk) + 1
-        batch = encode_ids(lm, [splits[i][0] + splits[i][1] for i in chunk], own_tokens=K)
-        logprobs = torch.log_softmax(forward(lm, batch, logits_to_keep=K).float(), -1)
+    for chunk in token_batches([p + a for p, a in splits], BATCH, pass_overhead_tokens(lm)):
+        counts = [len(splits[i][1]) for i in chunk]
+        K = max(counts) + 1
+        batch = encode_ids(lm, [splits[i][0] + splits[i][1] for i in chunk], share_prefix=around_pass is None, own_tokens=K)
+        # of the last K positions, row i reads the c_i that predict its answer tokens: K-c_i-1 .. K-2
+        keep = torch.zeros(len(chunk), K, dtype=torch.bool)
+        for row, c in enumerate(counts):
+            keep[row, K - c - 1 : K - 1] = True
+        with around_pass(chunk) if around_pass else nullcontext():
+            logits = forward_at(lm, batch, keep)
+        logprobs = torch.log_softmax(logits.float(), -1).split(counts)
         for row, i in enumerate(chunk):
-            answer_ids = splits[i][1]
-            c = len(answer_ids)
-            steps = logprobs[row, K - c - 1 : K - 1]  # (c, V): kept index K-c-1+j predicts answer token j
-            target = torch.tensor(answer_ids, device=steps.device)
+            steps = logprobs[row]  # (c, V): step j predicts answer token j
+            target = torch.tensor(splits[i][1], device=steps.device)
             token_lp = steps.gather(1, target[:, None]).squeeze(1)
             greedy = steps.argmax(-1)
             results[i] = _Forced(bool((greedy == target).all()), token_lp.mean().item(), token_lp[0].exp().item(), int(greedy[0]))
     return [results[i] for i in range(len(splits))]
 
 
-def score_answers(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]]) -> list[AnswerScore]:
+def score_answers(
+    lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]], around_pass: AroundPass | None = None
+) -> list[AnswerScore]:
     """Score each prompt against its accepted wordings (`answers[i]`, main answer first).
 
     One pass teacher-forces every main answer; it also shows each prompt's greedy next token, and only the
     other wordings that start with that token can be greedy continuations, so only those get a second pass.
+    `around_pass(rows)`, if given, is entered around each pass over the prompts `rows` (indices into
+    `prompts`): a way to run each prompt on its own variant of the model.
     """
-    main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)])
+    main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)], around_pass)
     second: list[tuple[int, str]] = [
         (i, cand)
         for i, cands in enumerate(answers)
@@ -98,8 +112,10 @@ def score_answers(lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Seq
         for cand in cands[1:]
         if _split(lm, prompts[i], cand)[1][0] == main[i].top
     ]
+    owners = [i for i, _ in second]
+    around_second = (lambda rows: around_pass([owners[r] for r in rows])) if around_pass else None
     matched: dict[int, str] = {i: answers[i][0] for i, f in enumerate(main) if f.greedy}
-    for (i, cand), forced in zip(second, _teacher_forced(lm, [(prompts[i], c) for i, c in second])):
+    for (i, cand), forced in zip(second, _teacher_forced(lm, [(prompts[i], c) for i, c in second], around_second)):
         if forced.greedy and i not in matched:
             matched[i] = cand
     return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]
@@ -109,7 +125,7 @@ def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int 
     """The model's greedy continuation of each prompt, first line only, stripped."""
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
     texts: dict[int, str] = {}
-    for rows in token_batches(ids, BATCH):
+    for rows in token_batches(ids, BATCH, pass_overhead_tokens(lm)):
         tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens)
         for i, row in zip(rows, tokens):
             line = lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0]

@@ -11,10 +11,13 @@ kept whole: the job's correction rate then says what happened.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
 
 from .answers import score_answers
-from .edit import LayerDelta, WeightSnapshot, apply_layer_delta
+from .edit import LayerDelta, WeightSnapshot, apply_layer_delta, low_rank_norm
 from .models import LoadedModel
 
 SCALES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -34,8 +37,30 @@ def scale_examples(deltas: Sequence[LayerDelta], scales: Sequence[float]) -> lis
 
 
 def _norm_ratio(delta: LayerDelta, left, right) -> float:
-    full = delta.dense().norm().item()
-    return (left @ right).norm().item() / full if full > 0 else 0.0
+    full = delta.norm()
+    return low_rank_norm(left, right) / full if full > 0 else 0.0
+
+
+@contextmanager
+def mixed_deltas(lm: LoadedModel, deltas: Sequence[LayerDelta], scales: torch.Tensor) -> Iterator[None]:
+    """Row b of a pass runs with Σ_i scales[b, i]·(example i's share) added to each layer's projection.
+
+    The shares are added to the projection's output (x Rᵀ diag(s_b) Lᵀ) rather than to its weight, so one pass
+    tries many mixes; `scales` is (B, n) for a batch of B rows.
+    """
+
+    def hook_for(delta: LayerDelta):
+        def hook(module, args, output):
+            x = args[0]
+            left, right, s = (t.to(x.device, x.dtype) for t in (delta.left, delta.right, scales))
+            return output + ((x @ right.T) * s[:, None, :]) @ left.T
+
+        return hook
+
+    with ExitStack() as stack:
+        for delta in deltas:
+            stack.callback(lm.attn_out(delta.layer).register_forward_hook(hook_for(delta)).remove)
+        yield
 
 
 def calibrate(
@@ -48,32 +73,30 @@ def calibrate(
     """Per-example scales and the scaled deltas, applied to the model (which holds `deltas` on entry).
 
     `deltas` must have one column per query (a job of at most `max_rank` examples); `answers[i]` are the
-    accepted wordings of query i's answer.
+    accepted wordings of query i's answer. Every step of `SCALES` is tried in one batched scoring call.
     """
-
-    def apply(scales: Sequence[float]) -> list[LayerDelta]:
-        snapshot.restore()
-        scaled = scale_examples(deltas, scales)
-        for delta in scaled:
-            apply_layer_delta(lm, delta)
-        return scaled
-
-    def corrected() -> list[bool]:
-        return [score.gives for score in score_answers(lm, queries, answers)]
-
+    snapshot.restore()  # the trials add the deltas row by row, in `mixed_deltas`
     n = len(queries)
-    chosen = [0.0] * n
-    for step in reversed(SCALES):
-        apply([step] * n)
-        chosen = [step if ok else c for ok, c in zip(corrected(), chosen)]
+
+    def corrected(trials: list[list[float]]) -> list[list[bool]]:
+        """For each trial (a scale per example), which queries give their answer."""
+        scales = torch.tensor([trial for trial in trials for _ in range(n)])  # row k·n + i: trial k, query i
+        scores = score_answers(
+            lm, list(queries) * len(trials), list(answers) * len(trials), lambda rows: mixed_deltas(lm, deltas, scales[rows])
+        )
+        return [[score.gives for score in scores[k * n : (k + 1) * n]] for k in range(len(trials))]
+
+    by_step = corrected([[step] * n for step in SCALES])
+    chosen = [next((step for step, ok in zip(SCALES, by_step) if ok[i]), 0.0) for i in range(n)]
     if not any(chosen):
-        return list(apply([1.0] * n)), [1.0] * n
-    scaled = apply(chosen)
-    for _ in range(ROUNDS):
-        short = [i for i, ok in enumerate(corrected()) if not ok and 0 < chosen[i] < 1.0]
+        chosen = [1.0] * n
+    for _ in range(ROUNDS if any(0 < c < 1.0 for c in chosen) else 0):
+        short = [i for i, ok in enumerate(corrected([chosen])[0]) if not ok and 0 < chosen[i] < 1.0]
         if not short:
             break
         for i in short:
             chosen[i] = min(s for s in SCALES if s > chosen[i])
-        scaled = apply(chosen)
+    scaled = scale_examples(deltas, chosen)
+    for delta in scaled:
+        apply_layer_delta(lm, delta)
     return scaled, chosen

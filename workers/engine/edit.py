@@ -21,14 +21,23 @@ Two generalisations, both reducing to the formula above when their knobs are off
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, record_attn_inputs, record_attn_out, record_attn_out_ids, shared_prefix_length, token_batches
+from .tracing import (
+    encode_ids,
+    pass_overhead_tokens,
+    record_attn_inputs,
+    record_attn_out_ids,
+    run_replacing,
+    shared_prefix_length,
+    token_batches,
+)
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,15 @@ class LayerDelta:
     def dense(self) -> torch.Tensor:
         return self.left @ self.right  # (out, in)
 
+    def norm(self) -> float:
+        return low_rank_norm(self.left, self.right)
+
+
+def low_rank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left @ right‖_F from the factors, without forming the (out, in) product: √Σ (LᵀL) ∘ (RRᵀ)."""
+    left, right = left.double(), right.double()
+    return float(((left.T @ left) * (right @ right.T)).sum().clamp(min=0).sqrt())
+
 
 @dataclass
 class EditResult:
@@ -80,29 +98,76 @@ class EditResult:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class KeyStatistics:
     """Unrelated prompts' projection inputs at one layer: what a patch is solved to leave alone."""
 
     last: torch.Tensor  # (N, in): each prompt's key at its last token
     moment: torch.Tensor  # (in, in): mean k kᵀ over every position after the prompts' common prefix
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def base_factor(self, config: EditConfig) -> torch.Tensor:
+        """L⁻¹ for B = L Lᵀ = w_A·A/mean(diag A) + ridge·(1 + w_A)·I, float64; kept, as it depends on the
+        layer and the config alone (a 4096-wide factorization is most of an edit's arithmetic)."""
+        key = (config.all_positions_weight, config.ridge)
+        if key not in self._factors:
+            A = self.moment.double()
+            dim = A.shape[0]
+            eye = torch.eye(dim, dtype=torch.float64, device=A.device)
+            B = config.all_positions_weight / A.diagonal().mean() * A + config.ridge * (1 + config.all_positions_weight) * eye
+            self._factors[key] = torch.linalg.solve_triangular(torch.linalg.cholesky(B), eye, upper=False)
+        return self._factors[key]
+
+
+@dataclass(frozen=True)
+class KeyMetric:
+    """C = scale·B + U Uᵀ, float64; B = L Lᵀ given by L⁻¹ (`base_factor`, None for B = I).
+
+    Kept in this form, C⁻¹K costs products with the cached L⁻¹ and a solve the size of U's columns (the
+    preserved and counterfactual keys), instead of factorizing an (in, in) matrix per layer and job.
+    """
+
+    base_factor: torch.Tensor | None
+    scale: float
+    low_rank: torch.Tensor  # U: (in, r)
+
+    def solve(self, K: torch.Tensor) -> torch.Tensor:
+        """C⁻¹K for K (in, n), by Woodbury: (tI + ŨŨᵀ)⁻¹ = (I − Ũ(tI + ŨᵀŨ)⁻¹Ũᵀ)/t in the whitened basis."""
+        L_inv = self.base_factor
+        K_w = K if L_inv is None else L_inv @ K
+        U_w = self.low_rank if L_inv is None else L_inv @ self.low_rank
+        capacitance = self.scale * torch.eye(U_w.shape[1], dtype=K.dtype, device=K.device) + U_w.T @ U_w
+        Z = (K_w - U_w @ torch.linalg.solve(capacitance, U_w.T @ K_w)) / self.scale
+        return Z if L_inv is None else L_inv.T @ Z
+
+    def dense(self) -> torch.Tensor:
+        """C itself: (in, in). For tests and inspection; the edit never forms it."""
+        U = self.low_rank
+        B = torch.eye(U.shape[0], dtype=U.dtype, device=U.device)
+        if self.base_factor is not None:
+            L = torch.linalg.inv(self.base_factor)
+            B = L @ L.T
+        return self.scale * B + U @ U.T
 
 
 def key_metric(
-    preserved: Sequence[torch.Tensor], dim: int, config: EditConfig, all_positions: torch.Tensor | None = None
-) -> torch.Tensor:
-    """C = w·Σ_sets E[k kᵀ] (+ the all-position moment, matched in scale) + ridge·(mean eigenvalue)·I: (in, in), float64."""
-    if not preserved or config.preserve_weight == 0:
-        return torch.eye(dim, dtype=torch.float64)
-    moment = config.preserve_weight * sum(keys.double().T @ keys.double() / keys.shape[0] for keys in preserved)
-    if all_positions is not None and config.all_positions_weight > 0:
-        all_positions = all_positions.double().to(moment.device)
-        moment = moment + config.all_positions_weight * moment.diagonal().mean() / all_positions.diagonal().mean() * all_positions
-    scale = moment.diagonal().mean()
-    return moment + config.ridge * scale * torch.eye(dim, dtype=torch.float64, device=moment.device)
+    sets: Sequence[torch.Tensor], dim: int, config: EditConfig, statistics: KeyStatistics | None = None
+) -> KeyMetric:
+    """C = w·Σ_sets E[k kᵀ] (+ the all-position moment of `statistics`, matched in scale) + ridge·(mean eigenvalue)·I.
+
+    Each set is (N, in) keys. With t the mean eigenvalue of the sets' part, C = t·B + U Uᵀ where U holds the
+    keys scaled by √(w/N) and B = w_A·A/mean(diag A) + ridge·(1 + w_A)·I does not depend on the sets.
+    """
+    if not sets or config.preserve_weight == 0:
+        return KeyMetric(None, 1.0, torch.zeros(dim, 0, dtype=torch.float64))
+    U = torch.cat([keys.double().T * math.sqrt(config.preserve_weight / keys.shape[0]) for keys in sets], dim=1)
+    mean_eigenvalue = float(U.square().sum()) / dim
+    if statistics is not None and config.all_positions_weight > 0:
+        return KeyMetric(statistics.base_factor(config).to(U.device), mean_eigenvalue, U)
+    return KeyMetric(None, mean_eigenvalue * config.ridge, U)
 
 
-def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: KeyMetric, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-C-norm ΔW with ΔW K = R, as factors (left (out, r), right (r, in)).
 
     ΔW = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹ with K (in, n) the keys as columns; for C = I and n = 1 this is CREME's
@@ -110,7 +175,7 @@ def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: torch.Tens
     """
     K = keys.double().T  # (in, n)
     R = residuals.double().T  # (out, n)
-    whitened = torch.linalg.solve(metric, K)  # C⁻¹K, (in, n)
+    whitened = metric.solve(K)  # C⁻¹K, (in, n)
     gram = K.T @ whitened  # KᵀC⁻¹K, (n, n)
     right = torch.linalg.lstsq(gram, whitened.T).solution  # (n, in)
     left = R  # (out, n)
@@ -123,8 +188,8 @@ def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: torch.Tens
 def apply_layer_delta(lm: LoadedModel, delta: LayerDelta, sign: float = 1.0) -> None:
     """Add (or with sign −1 subtract) a layer delta to the projection weight in place."""
     weight = lm.attn_out_weight(delta.layer)
-    update = delta.dense().to(weight.device, torch.float32)
-    weight.data.add_((sign * update).to(weight.dtype))
+    left, right = (f.to(weight.device, torch.float32) for f in (delta.left, delta.right))
+    weight.data.add_((sign * left @ right).to(weight.dtype))
 
 
 def creme_edit(
@@ -136,58 +201,76 @@ def creme_edit(
     max_rank: int,
     max_relative_norm: float,
     preserved: dict[int, KeyStatistics] | None = None,
-    counterfactuals: Sequence[str] = (),
+    counterfactual_keys: dict[int, torch.Tensor] | None = None,
     config: EditConfig = EditConfig(),
 ) -> EditResult:
     """Edit `layers` in ascending order, in place; the caller restores the base weights.
 
-    Per layer one batched pass of [queries, guides], stopped right after that layer's projection.
-    `preserved` holds generic unrelated prompts' key statistics per layer; `counterfactuals` are the query's own
-    template with other subjects, whose keys are read in one pass on the unedited model (the edits are made
-    to leave them alone, so the partly edited model would give nearly the same keys).
+    One batched pass of [queries, guides]: at each layer's projection, in the pass's own order, the update
+    is solved from the keys and outputs there, applied to the weight, and the edited projection's output is
+    what the layers above see. That is the same as one pass per layer on the model edited below it, but
+    each layer runs once. Every row runs its own preamble (no shared prefix), since the preamble's keys and
+    values above an edited layer change with the edit.
+
+    `preserved` holds generic unrelated prompts' key statistics per layer; `counterfactual_keys`
+    ({layer: (N, in)}, from `last_token_keys`) are the keys of the query's own template with other subjects,
+    read on the unedited model (the edits are made to leave them alone, so the partly edited model would give
+    nearly the same keys).
     """
     started = time.perf_counter()
     result = EditResult()
     n = len(queries)
-    counterfactual_keys = preserved_key_sample(lm, counterfactuals, layers) if counterfactuals else {}
-    for layer in sorted(layers):
-        record = record_attn_out(lm, [*queries, *guides], [layer])
-        keys = record.inputs[layer][:n]  # (n, in)
-        outputs = record.outputs[layer]  # (2n, out)
+
+    def edit_at(layer: int, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        keys = inputs[:n, -1].float()  # (n, in)
+        outputs = output[:, -1].float()  # (2n, out)
         residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
         sets = [preserved[layer].last] if preserved else []
-        if counterfactuals:
-            sets.append(config.counterfactual_weight * counterfactual_keys[layer])
-        metric = key_metric(sets, keys.shape[1], config, preserved[layer].moment if preserved else None)
-        left, right = solve_update(keys, residuals, metric.to(keys.device), max_rank)
-        weight = lm.attn_out_weight(layer)
-        relative = (left @ right).norm().item() / weight.float().norm().item()
+        if counterfactual_keys:
+            sets.append(config.counterfactual_weight * counterfactual_keys[layer].to(keys.device))
+        metric = key_metric(sets, keys.shape[1], config, preserved[layer] if preserved else None)
+        left, right = solve_update(keys, residuals, metric, max_rank)
+        weight_norm = torch.linalg.vector_norm(lm.attn_out_weight(layer), dtype=torch.float32).item()
+        relative = low_rank_norm(left, right) / weight_norm
         scale = min(1.0, max_relative_norm / relative) if relative > 0 else 1.0
         delta = LayerDelta(
             layer=layer,
             module=lm.attn_out_name(layer),
-            left=(left * scale).float().cpu(),
-            right=right.float().cpu(),
+            left=(left * scale).float(),
+            right=right.float(),
             relative_norm=relative * scale,
             scaled=scale < 1.0,
         )
         apply_layer_delta(lm, delta)
         result.deltas.append(delta)
+        return lm.attn_out(layer).forward(inputs)  # the edited weight's output (forward: no hooks again)
+
+    ids = [lm.tokenizer(p)["input_ids"] for p in [*queries, *guides]]
+    run_replacing(lm, encode_ids(lm, ids, share_prefix=False), sorted(layers), edit_at)
+    result.deltas = [replace(d, left=d.left.cpu(), right=d.right.cpu()) for d in result.deltas]
     result.seconds = time.perf_counter() - started
     return result
 
 
 @torch.no_grad()
-def preserved_key_sample(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], batch: int = 64) -> dict[int, torch.Tensor]:
-    """Last-token projection inputs of unrelated prompts at each layer: {layer: (N, in)}, in prompt order."""
-    ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
-    keys: dict[int, torch.Tensor] = {}
-    for rows in token_batches(ids, batch):
+def last_token_keys(
+    lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], memo: dict | None = None, batch: int = 64
+) -> dict[int, torch.Tensor]:
+    """Last-token projection inputs of prompts at each layer: {layer: (N, in)}, in prompt order.
+
+    `memo` ({(prompt, layer): key}) keeps them across calls on the same unedited model.
+    """
+    if not prompts:
+        return {}
+    memo = {} if memo is None else memo
+    todo = list(dict.fromkeys(p for p in prompts for layer in layers if (p, layer) not in memo))
+    ids = [lm.tokenizer(p)["input_ids"] for p in todo]
+    for rows in token_batches(ids, batch, pass_overhead_tokens(lm)) if todo else []:
         record = record_attn_out_ids(lm, [ids[i] for i in rows], layers)
         for layer in layers:
-            inputs = record.inputs[layer]
-            keys.setdefault(layer, inputs.new_empty(len(prompts), inputs.shape[1]))[rows] = inputs
-    return keys
+            for row, i in enumerate(rows):
+                memo[todo[i], layer] = record.inputs[layer][row]
+    return {layer: torch.stack([memo[p, layer] for p in prompts]) for layer in layers}
 
 
 @torch.no_grad()
@@ -199,7 +282,7 @@ def key_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int
     last: dict[int, torch.Tensor] = {}
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    for rows in token_batches(ids, batch):
+    for rows in token_batches(ids, batch, pass_overhead_tokens(lm)):
         # every position is run here, so which ones count does not depend on how the batch was cut
         encoded = encode_ids(lm, [ids[i] for i in rows], share_prefix=False)
         positions = encoded.attention_mask.cumsum(-1) - 1

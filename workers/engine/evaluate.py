@@ -111,6 +111,13 @@ def perplexity(lm: LoadedModel, text: str = FLUENCY_TEXT) -> float:
     return math.exp(nll.item())
 
 
+def base_perplexity(lm: LoadedModel) -> float:
+    """`perplexity` of the unedited model; memoised on the warm model, whose base weights every job restores."""
+    if "perplexity" not in lm.memo:
+        lm.memo["perplexity"] = perplexity(lm)
+    return lm.memo["perplexity"]
+
+
 def rate(outcomes: Sequence[ProbeOutcome], kind: str) -> float | None:
     """Fraction of successful probes of a kind; None where there were none."""
     chosen = [o for o in outcomes if o.probe.kind == kind]

@@ -24,9 +24,9 @@ from .answers import answer_variants
 from .calibrate import calibrate
 from .delta import weight_sha256
 from .diagnose import Diagnosis, diagnose
-from .edit import EditConfig, EditResult, KeyStatistics, WeightSnapshot, creme_edit, key_statistics
+from .edit import EditConfig, EditResult, KeyStatistics, WeightSnapshot, creme_edit, key_statistics, last_token_keys
 from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
-from .evaluate import ProbeOutcome, build_probes, perplexity, read_after, read_before
+from .evaluate import ProbeOutcome, base_perplexity, build_probes, perplexity, read_after, read_before
 from .lens import LensCurve, logit_lens
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
@@ -184,6 +184,7 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
         descriptions = first_hop_descriptions()
         each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(outcome.patched)))
         counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions, each)]
+        counterfactual_keys = last_token_keys(lm, counterfactuals, outcome.layers, memo=lm.memo.setdefault("keys", {}))
 
     predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
     probes = build_probes(outcome.patched, predictions)
@@ -192,14 +193,14 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
     try:
         with clock.stage("evaluate", 0.35, "scoring the probes before the edit"):
             before = read_before(lm, probes, pre)
-            outcome.perplexity_before = perplexity(lm)
+            outcome.perplexity_before = base_perplexity(lm)
         with clock.stage("edit", 0.5, f"editing layers {outcome.layers}"):
             outcome.edit = creme_edit(
                 lm, queries, guides, outcome.layers,
                 max_rank=spec.budget.max_rank,
                 max_relative_norm=spec.budget.max_relative_norm,
                 preserved=preserved,
-                counterfactuals=counterfactuals,
+                counterfactual_keys=counterfactual_keys,
                 config=config,
             )
         if all(d.rank == len(queries) for d in outcome.edit.deltas):  # one column per example: not compressed

@@ -17,9 +17,14 @@ from transformers import Cache
 from .models import LoadedModel
 
 
-MIN_SAVED_TOKENS = 128
-"""Token positions a shared prefix must save, (B − 1)·P, to be worth a pass of its own: a few saved tokens
-cost more than the extra pass, which on a GPU is a whole pass's worth of kernel launches."""
+PASS_OVERHEAD_TOKENS = {"cpu": 128, "cuda": 2048}
+"""What one more forward pass costs, in token positions of work: batches are cut and prefixes shared only
+where that saves more. On a CPU a pass costs about its tokens; on a GPU a small pass is bound by its kernel
+launches (a 7B model's 18-token pass takes as long as about a thousand tokens' arithmetic)."""
+
+
+def pass_overhead_tokens(lm: LoadedModel) -> int:
+    return PASS_OVERHEAD_TOKENS.get(lm.device.type, PASS_OVERHEAD_TOKENS["cuda"])
 
 
 @dataclass
@@ -50,12 +55,12 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]], own_tokens: int = 1
     return max(0, min([longest, *(_common_length(sequences[0], s) for s in sequences[1:])]))
 
 
-def token_batches(sequences: Sequence[Sequence[int]], max_rows: int) -> list[list[int]]:
+def token_batches(sequences: Sequence[Sequence[int]], max_rows: int, pass_overhead: int = 0) -> list[list[int]]:
     """Indices of `sequences` grouped into batches that cost few token positions to run.
 
-    A batch costs its shared prefix once plus, per row, the longest row's own tokens (padding included).
-    Sequences go in token order, so rows that share a prefix (a preamble, a question template) sit together;
-    a sequence joins the open batch when that costs no more than starting a new one.
+    A batch costs `pass_overhead` plus its shared prefix once plus, per row, the longest row's own tokens
+    (padding included). Sequences go in token order, so rows that share a prefix (a preamble, a question
+    template) sit together; a sequence joins the open batch when that costs no more than starting a new one.
     """
     order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
     batches: list[list[int]] = []
@@ -66,7 +71,7 @@ def token_batches(sequences: Sequence[Sequence[int]], max_rows: int) -> list[lis
             batch = batches[-1]
             shared = min(prefix, _common_length(sequences[batch[0]], seq))
             grown = shared + (len(batch) + 1) * (max(longest, len(seq)) - shared)
-            if grown <= prefix + len(batch) * (longest - prefix) + len(seq):
+            if grown <= prefix + len(batch) * (longest - prefix) + pass_overhead + len(seq):
                 batch.append(i)
                 prefix, longest = shared, max(longest, len(seq))
                 continue
@@ -92,7 +97,7 @@ def encode_ids(
     Each row keeps at least `own_tokens` tokens out of the prefix: the positions whose outputs the caller reads.
     """
     P = shared_prefix_length(sequences, own_tokens) if share_prefix and len(sequences) > 1 else 0
-    if P * (len(sequences) - 1) < MIN_SAVED_TOKENS:
+    if P * (len(sequences) - 1) < pass_overhead_tokens(lm):
         P = 0
     rows = [s[P:] for s in sequences]
     T = max(len(r) for r in rows)
@@ -141,6 +146,25 @@ def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs
 def forward(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1) -> torch.Tensor:
     """Logits of the last `logits_to_keep` positions: (B, K, V)."""
     return run_model(lm, batch, logits_to_keep).logits
+
+
+def forward_at(lm: LoadedModel, batch: Encoded, keep: torch.Tensor) -> torch.Tensor:
+    """Logits only where `keep` (B, K: the last K positions) is True, row by row: (M, V).
+
+    The unembedding is a vocabulary-wide product per position (most of a small model's arithmetic when
+    answers are teacher-forced), so only the positions read are passed to it; anything the model applies
+    after it (a logit soft-cap) still applies.
+    """
+    mask = keep.to(lm.device)
+
+    def only_kept(module, args):
+        return (args[0][mask][None],)
+
+    handle = lm.unembed.register_forward_pre_hook(only_kept)
+    try:
+        return run_model(lm, batch, keep.shape[1]).logits[0]
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()
@@ -198,7 +222,7 @@ def record_attn_out_ids(
         record.inputs[layer] = inputs[:, -1].detach().float()
         record.outputs[layer] = output[:, -1].detach().float()
 
-    _run_capturing(lm, encode_ids(lm, sequences), layers, capture, stop_early)
+    run_replacing(lm, encode_ids(lm, sequences), layers, capture, stop_early)
     return record
 
 
@@ -210,20 +234,23 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
     the last T columns of `batch.attention_mask` (all of it, for a batch encoded without a shared prefix).
     """
     inputs: dict[int, torch.Tensor] = {}
-    _run_capturing(lm, batch, layers, lambda layer, x, _: inputs.__setitem__(layer, x.detach().float()))
+    run_replacing(lm, batch, layers, lambda layer, x, _: inputs.__setitem__(layer, x.detach().float()))
     return inputs
 
 
-def _run_capturing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], capture, stop_early: bool = True) -> None:
-    """One pass calling `capture(layer, inputs, output)` at each requested projection; it stops after the
-    highest one when `stop_early` (the layers above cannot change what was captured)."""
+@torch.no_grad()
+def run_replacing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], visit, stop_early: bool = True) -> None:
+    """One pass calling `visit(layer, inputs, output)` at each requested projection, in the pass's order;
+    what it returns, if not None, replaces the projection's output for the layers above. The pass stops
+    after the highest one when `stop_early` (the layers above cannot change what was visited)."""
     last = max(layers)
 
     def hook_for(layer: int):
         def hook(module, args, output):
-            capture(layer, args[0], output)
+            replaced = visit(layer, args[0], output)
             if stop_early and layer == last:
                 raise _StopForward
+            return replaced
 
         return hook
 
