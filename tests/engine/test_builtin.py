@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from transformers import AutoTokenizer
 
 from hoppatch.spec import JobSpec, read_examples, read_preamble
 from workers.engine.answers import answer_variants, score_answers
 from workers.engine.delta import apply_delta
 from workers.engine.diagnose import Verdict, diagnose
-from workers.engine.models import BUILTIN_GEMMA, load_model
+from workers.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
 from workers.engine.pipeline import run_job
 from workers.engine.publish import ARTIFACTS, publish
 from workers.engine.tracing import encode, forward
@@ -35,6 +36,16 @@ def published(gemma, tmp_path_factory):
     out = tmp_path_factory.mktemp("job") / "out"
     outcome = run_job(gemma, JobSpec(model=BUILTIN_GEMMA, examples=EXAMPLES, preamble=PREAMBLE))
     return outcome, publish(outcome, gemma, out), out
+
+
+def test_builtin_tokenizer_gives_the_ids_of_the_models_own_tokenizer(gemma):
+    own = AutoTokenizer.from_pretrained(str(builtin_model_dir()), local_files_only=True)
+    texts = [PREAMBLE + ex.query for ex in EXAMPLES] + [" United States", "Ünïcödé ✓ 日本語", ""]
+    for text in texts:
+        assert gemma.tokenizer(text)["input_ids"] == own(text)["input_ids"]
+        assert gemma.tokenizer(text, add_special_tokens=False)["input_ids"] == own(text, add_special_tokens=False)["input_ids"]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(gemma.tokenizer, name) == getattr(own, name)
 
 
 def test_shipped_examples_are_compositional_failures(gemma):
