@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 
 import redis
 from litestar.connection import ASGIConnection
@@ -34,15 +35,31 @@ def revoke_key(client: redis.Redis, key: str) -> bool:
     return bool(client.delete(api_key_key(digest(key))))
 
 
+KEY_CACHE_SECONDS = 5.0
+"""How long a process trusts a key it has looked up: a revoked key stops working within this time."""
+KEY_CACHE_SIZE = 10_000
+_clock = time.monotonic
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         key = connection.headers.get(HEADER)
         if not key:
             raise Unauthorized(f"send an API key in the {HEADER} header")
-        tenant = await connection.app.state.aredis.get(api_key_key(digest(key)))
-        if tenant is None:
-            raise Unauthorized("unknown or revoked API key")
-        return AuthenticationResult(user=tenant.decode(), auth=key)
+        # The app's cache holds known keys only: a new key works at once, unknown ones cannot fill it.
+        known: dict[str, tuple[str, float]] = connection.app.state.api_key_cache
+        hashed = digest(key)
+        tenant, expires = known.get(hashed, ("", 0.0))
+        if _clock() >= expires:
+            found = await connection.app.state.aredis.get(api_key_key(hashed))
+            if found is None:
+                known.pop(hashed, None)
+                raise Unauthorized("unknown or revoked API key")
+            if len(known) >= KEY_CACHE_SIZE:
+                known.clear()
+            tenant = found.decode()
+            known[hashed] = (tenant, _clock() + KEY_CACHE_SECONDS)
+        return AuthenticationResult(user=tenant, auth=key)
 
 
 class NoAuthMiddleware(AbstractAuthenticationMiddleware):

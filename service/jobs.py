@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -30,11 +31,16 @@ def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
         return
     if ref.startswith(("/", ".", "~")) or ".." in ref.split("/"):
         resolved = Path(ref).expanduser().resolve()
-        if not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
+        if not any(resolved.is_relative_to(root) for root in _resolved(model_roots)):
             raise InvalidJob(f"model directory {ref!r} is outside the configured model roots", "/model")
         return
     if not _HUB_ID.match(ref):
         raise InvalidJob(f"{ref!r} is not a model reference (builtin:NAME, a directory under a model root, or ORG/NAME)", "/model")
+
+
+@functools.cache
+def _resolved(roots: tuple[Path, ...]) -> tuple[Path, ...]:
+    return tuple(root.resolve() for root in roots)
 
 
 def check_spec(spec: JobSpec, max_examples: int) -> None:

@@ -1,6 +1,8 @@
 """The job API over a real Redis: create, idempotency, paging, tenants, cancel of a queued job."""
 
 from hoppatch.jobs import QUEUE_NAME
+from service import auth
+from service.auth import create_key, revoke_key
 
 from .conftest import job_body
 
@@ -28,6 +30,16 @@ def test_no_key_or_unknown_key_is_401(client):
         assert response.status_code == 401
         assert response.headers["content-type"].startswith("application/problem+json")
         assert response.json()["type"].endswith("/unauthorized")
+
+
+def test_a_revoked_key_is_trusted_for_the_cache_time_then_refused(client, redis_client, monkeypatch):
+    key = create_key(redis_client, "team-a")
+    assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
+    revoke_key(redis_client, key)
+    assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
+    later = auth._clock() + auth.KEY_CACHE_SECONDS
+    monkeypatch.setattr(auth, "_clock", lambda: later)
+    assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 401
 
 
 def test_idempotency_key(client, key, redis_client):
