@@ -18,6 +18,8 @@ from hoppatch.spec import JobSpec
 from . import metrics
 from hoppatch.artifacts import ArtifactStore
 from .engine.errors import Cancelled, EngineError
+from .engine.pipeline import run_job
+from .engine.publish import publish
 from .model_cache import ModelCache
 
 _context: dict = {}
@@ -73,9 +75,6 @@ def run_edit_job(job_id: str) -> str:
 
 
 def _run(store: JobStore, job_id: str, spec: JobSpec) -> str:
-    from .engine.pipeline import run_job  # torch is imported only by the worker process
-    from .engine.publish import publish
-
     def should_stop() -> bool:
         return store.cancel_requested(job_id)
 
