@@ -133,9 +133,9 @@ class KeyMetric:
 
     def solve(self, K: torch.Tensor) -> torch.Tensor:
         """C⁻¹K for K (in, n), by Woodbury: (tI + ŨŨᵀ)⁻¹ = (I − Ũ(tI + ŨᵀŨ)⁻¹Ũᵀ)/t in the whitened basis."""
-        L_inv = self.base_factor
+        L_inv, U = self.base_factor, self.low_rank.to(K.device)
         K_w = K if L_inv is None else L_inv @ K
-        U_w = self.low_rank if L_inv is None else L_inv @ self.low_rank
+        U_w = U if L_inv is None else L_inv @ U
         capacitance = self.scale * torch.eye(U_w.shape[1], dtype=K.dtype, device=K.device) + U_w.T @ U_w
         Z = (K_w - U_w @ torch.linalg.solve(capacitance, U_w.T @ K_w)) / self.scale
         return Z if L_inv is None else L_inv.T @ Z
