@@ -146,7 +146,11 @@ class JobStore:
         pipe.xadd(events_key(record.id), {"type": "status", "data": _encoder.encode({"status": record.status.value})})
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(job_key(job_id))
+        return self.parse(self.redis.get(job_key(job_id)))
+
+    @staticmethod
+    def parse(raw: bytes | None) -> JobRecord | None:
+        """A record as stored under `job_key` (None where there is none)."""
         return _record_decoder.decode(raw) if raw else None
 
     def spec_json(self, job_id: str) -> bytes | None:

@@ -37,8 +37,6 @@ class MetricsController(PrometheusController):
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
-    # Job submission talks to Redis on the event loop (see JobController.create_job): a stalled Redis must
-    # fail the request, not hang the loop.
     client = redis.Redis.from_url(settings.redis_url, max_connections=64, socket_timeout=5, socket_connect_timeout=2)
     store = JobStore(client, settings.retention_seconds)
     queue = Queue(QUEUE_NAME, connection=client)
@@ -47,7 +45,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         {
             "settings": settings,
             "redis": client,
-            "aredis": aioredis.Redis.from_url(settings.redis_url),
+            "aredis": aioredis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=2),
             "api_key_cache": {},  # digest → (tenant, trusted until), see service.auth
             "store": store,
             "queue": queue,

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import msgspec
 import redis
+import redis.asyncio as aioredis
 from rq import Queue
 
-from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, new_job_id, now
+from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, job_key, new_job_id, now
 from hoppatch.settings import Settings
 from hoppatch.spec import BUILTIN_MODELS, JobSpec
 
@@ -53,8 +54,13 @@ def check_spec(spec: JobSpec, max_examples: int) -> None:
         raise InvalidJob("example ids must be unique", "/examples")
 
 
-def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, settings: Settings) -> tuple[JobRecord, bool]:
-    """Create and enqueue a job; returns (job, created). Nothing is stored unless everything is valid."""
+async def submit(
+    store: JobStore, aredis: aioredis.Redis, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, settings: Settings
+) -> tuple[JobRecord, bool]:
+    """Create and enqueue a job; returns (job, created). Nothing is stored unless everything is valid.
+
+    Redis is awaited on the asyncio client, so the event loop serves other requests meanwhile.
+    """
     check_model(spec.model, settings.model_roots)
     check_spec(spec, settings.max_examples)
     spec_json = msgspec.json.encode(spec)
@@ -62,12 +68,12 @@ def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotenc
     job_id = new_job_id()
     if idempotency:
         key = idempotency_key(tenant, idempotency)
-        claimed = store.redis.set(key, f"{job_id} {digest}", nx=True, ex=IDEMPOTENCY_TTL)
+        claimed = await aredis.set(key, f"{job_id} {digest}", nx=True, ex=IDEMPOTENCY_TTL)
         if not claimed:
-            existing_id, existing_digest = (store.redis.get(key) or b" ").decode().split(" ")
+            existing_id, existing_digest = ((await aredis.get(key)) or b" ").decode().split(" ")
             if existing_digest != digest:
                 raise IdempotencyConflict(f"Idempotency-Key {idempotency!r} was used with a different body")
-            record = store.get(existing_id)
+            record = JobStore.parse(await aredis.get(job_key(existing_id)))
             if record is None:
                 raise JobNotFound(f"the job of Idempotency-Key {idempotency!r} has expired")
             return record, False
@@ -75,15 +81,19 @@ def submit(store: JobStore, queue: Queue, tenant: str, spec: JobSpec, idempotenc
         id=job_id, tenant=tenant, status=JobStatus.QUEUED, model=spec.model, num_examples=len(spec.examples),
         budget=spec.budget, created_at=now(), metadata=dict(spec.metadata),
     )
-    with store.redis.pipeline() as pipe:
-        # RQ opens the MULTI block itself, so it goes first; the record lands in the same transaction.
-        queue.enqueue_call(
-            TASK, args=(job_id,), job_id=job_id, pipeline=pipe,
-            timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
-            result_ttl=store.retention, failure_ttl=store.retention,
-        )
-        store.create(record, spec_json, pipe)
-        pipe.execute()
+    # RQ writes its job through a synchronous pipeline: the writes are staged on one that never runs (RQ
+    # opens the MULTI block itself, so it goes first; the record joins it), then sent in one transaction.
+    staged = store.redis.pipeline()
+    queue.enqueue_call(
+        TASK, args=(job_id,), job_id=job_id, pipeline=staged,
+        timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
+        result_ttl=store.retention, failure_ttl=store.retention,
+    )
+    store.create(record, spec_json, staged)
+    async with aredis.pipeline(transaction=True) as transaction:
+        for args, options in staged.command_stack:
+            transaction.execute_command(*args, **options)
+        await transaction.execute()
     return record, True
 
 
