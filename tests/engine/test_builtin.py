@@ -12,13 +12,13 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from hoppatch.spec import JobSpec, read_examples, read_preamble
-from workers.engine.answers import answer_variants, score_answers
+from workers.engine.answers import answer_variants, greedy_answers, score_answers
 from workers.engine.delta import apply_delta
 from workers.engine.diagnose import Verdict, diagnose
 from workers.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
 from workers.engine.pipeline import run_job
 from workers.engine.publish import ARTIFACTS, publish
-from workers.engine.tracing import encode, forward
+from workers.engine.tracing import encode, forward, greedy_tokens
 
 pytestmark = pytest.mark.builtin
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +46,31 @@ def test_builtin_tokenizer_gives_the_ids_of_the_models_own_tokenizer(gemma):
         assert gemma.tokenizer(text, add_special_tokens=False)["input_ids"] == own(text, add_special_tokens=False)["input_ids"]
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         assert getattr(gemma.tokenizer, name) == getattr(own, name)
+
+
+def _first_lines(lm, tokens) -> list[str]:
+    return [lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0].strip().rstrip(".,;:").strip() for row in tokens]
+
+
+def _passes(lm, run) -> tuple[object, int]:
+    passes = []
+    lm.before_pass = lambda: passes.append(1)
+    try:
+        return run(), len(passes)
+    finally:
+        lm.before_pass = None
+
+
+def test_greedy_answers_that_stop_at_the_end_of_the_line_are_those_of_the_whole_decoding(gemma):
+    prompts = [PREAMBLE + q.prompt for ex in EXAMPLES for q in ex.specificity]
+    whole = greedy_tokens(gemma, encode(gemma, prompts), 4)
+    assert greedy_answers(gemma, prompts) == _first_lines(gemma, whole)
+    # prompts whose answers end their line within three tokens: decoding stops a step early, same answers
+    short = [p for p, row in zip(prompts, whole) if "\n" in gemma.tokenizer.decode(row[:3], skip_special_tokens=True).lstrip()]
+    assert len(short) >= 3
+    whole_short, full_passes = _passes(gemma, lambda: greedy_tokens(gemma, encode(gemma, short), 4))
+    answers, passes = _passes(gemma, lambda: greedy_answers(gemma, short))
+    assert answers == _first_lines(gemma, whole_short) and passes < full_passes
 
 
 def test_shipped_examples_are_compositional_failures(gemma):

@@ -124,9 +124,13 @@ def score_answers(
 def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
     """The model's greedy continuation of each prompt, first line only, stripped."""
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+
+    def lines_ended(tokens: torch.Tensor) -> bool:  # only the first line is kept: more tokens change nothing
+        return all("\n" in lm.tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in tokens.tolist())
+
     texts: dict[int, str] = {}
     for rows in token_batches(ids, BATCH, pass_overhead_tokens(lm)):
-        tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens)
+        tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens, done=lines_ended)
         for i, row in zip(rows, tokens):
             line = lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0]
             texts[i] = line.strip().rstrip(".,;:").strip()

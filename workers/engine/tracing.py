@@ -168,14 +168,17 @@ def forward_at(lm: LoadedModel, batch: Encoded, keep: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def greedy_tokens(lm: LoadedModel, batch: Encoded, steps: int) -> torch.Tensor:
-    """The next `steps` greedy tokens of every row, decoded with the key/value cache: (B, steps)."""
+def greedy_tokens(lm: LoadedModel, batch: Encoded, steps: int, done=None) -> torch.Tensor:
+    """The next greedy tokens of every row, decoded with the key/value cache: (B, ≤ steps).
+
+    `done(tokens)`, given the (B, t) tokens so far, may end the decoding early (every row has said enough).
+    """
     out = run_model(lm, batch, use_cache=True)
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
     mask, tokens = batch.attention_mask, []
     for _ in range(steps):
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-        if len(tokens) == steps:
+        if len(tokens) == steps or (done is not None and done(torch.cat(tokens, dim=1))):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
