@@ -27,8 +27,10 @@ from workers.engine.calibrate import calibrate  # noqa: E402
 from workers.engine.edit import WeightSnapshot, creme_edit, key_statistics, last_token_keys  # noqa: E402
 from workers.engine.evaluate import build_probes, read_after, read_before  # noqa: E402
 from workers.engine.locate import locate_layers  # noqa: E402
+from workers.engine.lens import first_token  # noqa: E402
 from workers.engine.models import wrap_model  # noqa: E402
 from workers.engine.pipeline import counterfactual_queries, first_hop_descriptions  # noqa: E402
+from workers.engine.tracing import attn_out_gradients  # noqa: E402
 
 SHAPES = {
     "llama-2-7b": dict(kind="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, band=list(range(17, 24))),
@@ -88,7 +90,10 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     counterfactual_keys = last_token_keys(lm, counterfactuals, band)
 
     def edit(keys):
-        return creme_edit(lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved, counterfactual_keys=keys)
+        gradients = attn_out_gradients(lm, [query], [first_token(lm, EXAMPLE.answer)], band)  # as a job does
+        return creme_edit(
+            lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved, counterfactual_keys=keys, answer_gradients=gradients
+        )
 
     def engine_edit():
         result = edit(counterfactual_keys)

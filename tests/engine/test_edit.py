@@ -12,10 +12,11 @@ from workers.engine.edit import (
     key_metric,
     key_statistics,
     last_token_keys,
+    answer_part,
     low_rank_norm,
     solve_update,
 )
-from workers.engine.tracing import encode, forward, record_attn_inputs, record_attn_out
+from workers.engine.tracing import attn_out_gradients, encode, forward, patched_last_logits, record_attn_inputs, record_attn_out
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
 GUIDE = "The nationality of Edgar Allan Poe is"
@@ -164,3 +165,34 @@ def test_mixed_deltas_run_each_row_with_its_own_scales(tiny):
             apply_layer_delta(tiny, delta)
         torch.testing.assert_close(mixed[row], forward(tiny, encode(tiny, [QUERY]))[0, -1], atol=1e-4, rtol=1e-4)
         snapshot.restore()
+
+
+def test_answer_part_keeps_the_component_along_the_gradient_and_a_share_of_the_rest():
+    torch.manual_seed(0)
+    residuals, gradients = torch.randn(3, 8), torch.randn(3, 8)
+    along = answer_part(residuals, gradients, 0.0)
+    # parallel to the gradient, with the same first-order effect r·J
+    torch.testing.assert_close(torch.linalg.matrix_rank(torch.stack([along[0], gradients[0]])), torch.tensor(1))
+    torch.testing.assert_close((along * gradients).sum(-1), (residuals * gradients).sum(-1))
+    torch.testing.assert_close(answer_part(residuals, gradients, 1.0), residuals)
+    torch.testing.assert_close(answer_part(residuals, gradients, 0.3), along + 0.3 * (residuals - along))
+
+
+def test_attn_out_gradients_match_finite_differences(tiny):
+    prompts, layers = [QUERY, UNRELATED[0]], [1, 2]
+    targets = [tiny.tokenizer(" Poe", add_special_tokens=False)["input_ids"][0]] * 2
+    gradients = attn_out_gradients(tiny, prompts, targets, layers)
+    torch.manual_seed(0)
+    for layer in layers:
+        outputs = record_attn_out(tiny, prompts, [layer]).outputs[layer]
+        assert gradients[layer].shape == outputs.shape
+        direction = torch.randn_like(outputs)
+        direction /= direction.norm(dim=-1, keepdim=True)
+        rows = torch.arange(len(prompts))
+
+        def shifted(eps: float) -> torch.Tensor:
+            logits = patched_last_logits(tiny, prompts, {layer: (rows, outputs + eps * direction)})
+            return torch.log_softmax(logits.double(), -1)[rows, torch.tensor(targets)]
+
+        numeric = (shifted(1e-3) - shifted(-1e-3)) / 2e-3
+        torch.testing.assert_close(numeric.float(), (gradients[layer] * direction).sum(-1), atol=2e-3, rtol=2e-2)

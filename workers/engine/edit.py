@@ -54,6 +54,9 @@ class EditConfig:
     """Weight of the preserved prompts' all-position moment, relative to the last-token moments' scale."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
+    off_answer_weight: float = 0.3
+    """With the answer's gradients given, the part of g − o that does not move the answer (to first order) is
+    kept at this weight: 0 keeps only the part along the gradient, 1 is CREME's whole g − o."""
 
     def __post_init__(self) -> None:
         if self.preserve_weight < 0 or self.all_positions_weight < 0:
@@ -62,6 +65,8 @@ class EditConfig:
             raise ValueError("`ridge` must be > 0")
         if self.target_scale <= 0:
             raise ValueError("`target_scale` must be > 0")
+        if not 0 <= self.off_answer_weight <= 1:
+            raise ValueError("`off_answer_weight` must be in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,16 @@ def solve_update(keys: torch.Tensor, residuals: torch.Tensor, metric: KeyMetric,
     return left, right
 
 
+def answer_part(residuals: torch.Tensor, gradients: torch.Tensor, off_weight: float) -> torch.Tensor:
+    """Each row's residual split along its answer's gradient J: (r·J/‖J‖²) J, plus `off_weight` of the rest.
+
+    To first order only the part along J moves the answer; the rest moves the output elsewhere, and every
+    unrelated prompt whose key overlaps the query's moves with it.
+    """
+    along = (residuals * gradients).sum(-1, keepdim=True) / gradients.square().sum(-1, keepdim=True).clamp(min=1e-30) * gradients
+    return along + off_weight * (residuals - along)
+
+
 def apply_layer_delta(lm: LoadedModel, delta: LayerDelta, sign: float = 1.0) -> None:
     """Add (or with sign −1 subtract) a layer delta to the projection weight in place."""
     weight = lm.attn_out_weight(delta.layer)
@@ -202,6 +217,7 @@ def creme_edit(
     max_relative_norm: float,
     preserved: dict[int, KeyStatistics] | None = None,
     counterfactual_keys: dict[int, torch.Tensor] | None = None,
+    answer_gradients: dict[int, torch.Tensor] | None = None,
     config: EditConfig = EditConfig(),
 ) -> EditResult:
     """Edit `layers` in ascending order, in place; the caller restores the base weights.
@@ -215,7 +231,8 @@ def creme_edit(
     `preserved` holds generic unrelated prompts' key statistics per layer; `counterfactual_keys`
     ({layer: (N, in)}, from `last_token_keys`) are the keys of the query's own template with other subjects,
     read on the unedited model (the edits are made to leave them alone, so the partly edited model would give
-    nearly the same keys).
+    nearly the same keys). `answer_gradients` ({layer: (n, out)}, from `tracing.attn_out_gradients` on the
+    unedited model) restrict each target to the part that moves the answer (`answer_part`).
     """
     started = time.perf_counter()
     result = EditResult()
@@ -225,6 +242,8 @@ def creme_edit(
         keys = inputs[:n, -1].float()  # (n, in)
         outputs = output[:, -1].float()  # (2n, out)
         residuals = config.target_scale * (outputs[n:] - outputs[:n])  # s·(g − W k), (n, out)
+        if answer_gradients is not None:
+            residuals = answer_part(residuals, answer_gradients[layer].to(residuals.device), config.off_answer_weight)
         sets = [preserved[layer].last] if preserved else []
         if counterfactual_keys:
             sets.append(config.counterfactual_weight * counterfactual_keys[layer].to(keys.device))

@@ -27,9 +27,10 @@ from .diagnose import Diagnosis, diagnose
 from .edit import EditConfig, EditResult, KeyStatistics, WeightSnapshot, creme_edit, key_statistics, last_token_keys
 from .errors import BudgetExceeded, Cancelled, InvalidJob, NoCompositionFailure
 from .evaluate import ProbeOutcome, base_perplexity, build_probes, perplexity, read_after, read_before
-from .lens import LensCurve, logit_lens
+from .lens import LensCurve, first_token, logit_lens
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
+from .tracing import attn_out_gradients
 
 ProgressFn = Callable[[str, float, str], None]
 """Called with (stage, fraction of the whole job done, message)."""
@@ -195,12 +196,15 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
             before = read_before(lm, probes, pre)
             outcome.perplexity_before = base_perplexity(lm)
         with clock.stage("edit", 0.5, f"editing layers {outcome.layers}"):
+            targets = [first_token(lm, answer) for answer in answers]
+            gradients = attn_out_gradients(lm, queries, targets, outcome.layers) if config.off_answer_weight < 1 else None
             outcome.edit = creme_edit(
                 lm, queries, guides, outcome.layers,
                 max_rank=spec.budget.max_rank,
                 max_relative_norm=spec.budget.max_relative_norm,
                 preserved=preserved,
                 counterfactual_keys=counterfactual_keys,
+                answer_gradients=gradients,
                 config=config,
             )
         if all(d.rank == len(queries) for d in outcome.edit.deltas):  # one column per example: not compressed

@@ -264,6 +264,32 @@ def run_replacing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], visit,
             pass
 
 
+def attn_out_gradients(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[int], layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """d log p(target token) / d(the projection's output at the last token), per layer: {layer: (B, out)}.
+
+    One forward and one backward pass: a zero added to each layer's output at the last token is the
+    variable differentiated, so the gradient reaches every layer through all the layers above it.
+    """
+    added: dict[int, torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(module, args, output):
+            zero = output.new_zeros(output.shape[0], output.shape[-1], requires_grad=True)
+            added[layer] = zero
+            output = output.clone()
+            output[:, -1] = output[:, -1] + zero
+            return output
+
+        return hook
+
+    batch = encode(lm, prompts, share_prefix=False)
+    with torch.enable_grad(), _hooks(lm, layers, hook_for):
+        logprobs = torch.log_softmax(forward(lm, batch)[:, -1].float(), -1)
+        chosen = logprobs[torch.arange(len(prompts)), torch.tensor(list(targets), device=logprobs.device)]
+        gradients = torch.autograd.grad(chosen.sum(), [added[layer] for layer in layers])
+    return {layer: g.detach().float() for layer, g in zip(layers, gradients)}
+
+
 @torch.no_grad()
 def patched_last_logits(
     lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
