@@ -89,14 +89,18 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     counterfactuals = counterfactual_queries(EXAMPLE, first_hop_descriptions())  # as a job reads them
     counterfactual_keys = last_token_keys(lm, counterfactuals, band)
 
-    def edit(keys):
-        gradients = attn_out_gradients(lm, [query], [first_token(lm, EXAMPLE.answer)], band)  # as a job does
+    def answer_gradients():
+        return attn_out_gradients(lm, [query], [first_token(lm, EXAMPLE.answer)], band)
+
+    gradients = answer_gradients()
+
+    def edit(keys, gradients):
         return creme_edit(
             lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved, counterfactual_keys=keys, answer_gradients=gradients
         )
 
     def engine_edit():
-        result = edit(counterfactual_keys)
+        result = edit(counterfactual_keys, gradients)
         snapshot.restore()
         return result
 
@@ -122,9 +126,9 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
         answers = [answer_variants(EXAMPLE.answer, EXAMPLE.aliases)]
         for stage, fn in (
             ("diagnose", lambda: diagnose(lm, [EXAMPLE])),
-            ("locate", lambda: locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band))),
+            ("locate", lambda: (locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band)), answer_gradients())),  # as a job does
             ("evaluate_before", lambda: read_before(lm, probes, "")),
-            ("edit", lambda: edit(last_token_keys(lm, counterfactuals, band))),  # a new example's keys are read too
+            ("edit", lambda: edit(last_token_keys(lm, counterfactuals, band), values["locate"][1])),  # a new example's keys are read too
             ("calibrate", lambda: calibrate(lm, values["edit"].deltas, snapshot, [query], answers)),
             ("evaluate_after", lambda: read_after(lm, probes, values["evaluate_before"], "")),
         ):

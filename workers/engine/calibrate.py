@@ -20,7 +20,9 @@ from .answers import score_answers
 from .edit import LayerDelta, WeightSnapshot, apply_layer_delta, low_rank_norm
 from .models import LoadedModel
 
-SCALES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+SCALES = (0.2, 0.5, 1.0)
+"""Coarse on purpose: the least share that corrects the query seldom carries to its paraphrases (with the
+steps 0.1, 0.2, 0.3, 0.5, 0.7, 1.0 the 20 dev failures in one job scored paraphrase 0.35 instead of 0.46)."""
 ROUNDS = 4
 """Rounds of raising the steps of examples the mix of scales leaves uncorrected."""
 

@@ -186,6 +186,9 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
         each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(outcome.patched)))
         counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions, each)]
         counterfactual_keys = last_token_keys(lm, counterfactuals, outcome.layers, memo=lm.memo.setdefault("keys", {}))
+        # which way each query's answer moves at the edited layers: read on the unedited model, like the sweep
+        targets = [first_token(lm, answer) for answer in answers]
+        gradients = attn_out_gradients(lm, queries, targets, outcome.layers) if config.off_answer_weight < 1 else None
 
     predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
     probes = build_probes(outcome.patched, predictions)
@@ -196,8 +199,6 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
             before = read_before(lm, probes, pre)
             outcome.perplexity_before = base_perplexity(lm)
         with clock.stage("edit", 0.5, f"editing layers {outcome.layers}"):
-            targets = [first_token(lm, answer) for answer in answers]
-            gradients = attn_out_gradients(lm, queries, targets, outcome.layers) if config.off_answer_weight < 1 else None
             outcome.edit = creme_edit(
                 lm, queries, guides, outcome.layers,
                 max_rank=spec.budget.max_rank,
