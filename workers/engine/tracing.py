@@ -7,7 +7,7 @@ its key k (the projection's input) and its target g (the projection's output), a
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -168,7 +168,9 @@ def forward_at(lm: LoadedModel, batch: Encoded, keep: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def greedy_tokens(lm: LoadedModel, batch: Encoded, steps: int, done=None) -> torch.Tensor:
+def greedy_tokens(
+    lm: LoadedModel, batch: Encoded, steps: int, done: Callable[[torch.Tensor], bool] | None = None
+) -> torch.Tensor:
     """The next greedy tokens of every row, decoded with the key/value cache: (B, ≤ steps).
 
     `done(tokens)`, given the (B, t) tokens so far, may end the decoding early (every row has said enough).
