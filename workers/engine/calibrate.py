@@ -11,14 +11,15 @@ kept whole: the job's correction rate then says what happened.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
 from .answers import score_answers
 from .edit import LayerDelta, WeightSnapshot, apply_layer_delta, low_rank_norm
 from .models import LoadedModel
+from .tracing import projection_hooks
 
 SCALES = (0.2, 0.5, 1.0)
 """Coarse on purpose: the least share that corrects the query seldom carries to its paraphrases (with the
@@ -43,26 +44,25 @@ def _norm_ratio(delta: LayerDelta, left, right) -> float:
     return low_rank_norm(left, right) / full if full > 0 else 0.0
 
 
-@contextmanager
-def mixed_deltas(lm: LoadedModel, deltas: Sequence[LayerDelta], scales: torch.Tensor) -> Iterator[None]:
+def mixed_deltas(lm: LoadedModel, deltas: Sequence[LayerDelta], scales: torch.Tensor) -> AbstractContextManager:
     """Row b of a pass runs with Σ_i scales[b, i]·(example i's share) added to each layer's projection.
 
     The shares are added to the projection's output (x Rᵀ diag(s_b) Lᵀ) rather than to its weight, so one pass
     tries many mixes; `scales` is (B, n) for a batch of B rows.
     """
+    dtype = lm.model.dtype
+    factors = {d.layer: (d.left.to(lm.device, dtype), d.right.to(lm.device, dtype)) for d in deltas}
+    s = scales.to(lm.device, dtype)[:, None, :]
 
-    def hook_for(delta: LayerDelta):
+    def hook_for(layer: int):
+        left, right = factors[layer]
+
         def hook(module, args, output):
-            x = args[0]
-            left, right, s = (t.to(x.device, x.dtype) for t in (delta.left, delta.right, scales))
-            return output + ((x @ right.T) * s[:, None, :]) @ left.T
+            return output + ((args[0] @ right.T) * s) @ left.T
 
         return hook
 
-    with ExitStack() as stack:
-        for delta in deltas:
-            stack.callback(lm.attn_out(delta.layer).register_forward_hook(hook_for(delta)).remove)
-        yield
+    return projection_hooks(lm, list(factors), hook_for)
 
 
 def calibrate(

@@ -203,7 +203,8 @@ class AttnOutRecord:
 
 
 @contextmanager
-def _hooks(lm: LoadedModel, layers: Sequence[int], hook_for) -> Iterator[None]:
+def projection_hooks(lm: LoadedModel, layers: Sequence[int], hook_for) -> Iterator[None]:
+    """Forward hooks `hook_for(layer)` on the attention output projections of `layers`, removed on exit."""
     with ExitStack() as stack:
         for layer in layers:
             handle = lm.attn_out(layer).register_forward_hook(hook_for(layer))
@@ -259,7 +260,7 @@ def run_replacing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], visit,
 
         return hook
 
-    with _hooks(lm, layers, hook_for):
+    with projection_hooks(lm, layers, hook_for):
         try:
             forward(lm, batch)
         except _StopForward:
@@ -285,7 +286,7 @@ def attn_out_gradients(lm: LoadedModel, prompts: Sequence[str], targets: Sequenc
         return hook
 
     batch = encode(lm, prompts, share_prefix=False)
-    with torch.enable_grad(), _hooks(lm, layers, hook_for):
+    with torch.enable_grad(), projection_hooks(lm, layers, hook_for):
         logprobs = torch.log_softmax(forward(lm, batch)[:, -1].float(), -1)
         chosen = logprobs[torch.arange(len(prompts)), torch.tensor(list(targets), device=logprobs.device)]
         gradients = torch.autograd.grad(chosen.sum(), [added[layer] for layer in layers])
@@ -312,7 +313,7 @@ def patched_last_logits(
         return hook
 
     batch = encode(lm, prompts)
-    with _hooks(lm, list(patches), hook_for):
+    with projection_hooks(lm, list(patches), hook_for):
         return forward(lm, batch)[:, -1].float()
 
 
