@@ -29,7 +29,7 @@ from workers.engine.evaluate import build_probes, read_after, read_before  # noq
 from workers.engine.locate import locate_layers  # noqa: E402
 from workers.engine.lens import first_token  # noqa: E402
 from workers.engine.models import wrap_model  # noqa: E402
-from workers.engine.pipeline import counterfactual_queries, first_hop_descriptions  # noqa: E402
+from workers.engine.unrelated import counterfactual_queries  # noqa: E402
 from workers.engine.tracing import attn_out_gradients  # noqa: E402
 
 SHAPES = {
@@ -86,7 +86,7 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     preserved = key_statistics(lm, [s.prompt for s in EXAMPLE.specificity] * 8, band)
     snapshot = WeightSnapshot(lm, band)
     probes = build_probes([EXAMPLE], {})
-    counterfactuals = counterfactual_queries(EXAMPLE, first_hop_descriptions())  # as a job reads them
+    counterfactuals = counterfactual_queries(EXAMPLE)  # as a job reads them
     counterfactual_keys = last_token_keys(lm, counterfactuals, band)
 
     def answer_gradients():

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.resources import files
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -31,38 +29,10 @@ from .lens import LensCurve, first_token, logit_lens
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
 from .tracing import attn_out_gradients
+from .unrelated import COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB, counterfactual_queries, preserve_prompts
 
 ProgressFn = Callable[[str, float, str], None]
 """Called with (stage, fraction of the whole job done, message)."""
-
-
-def preserve_prompts() -> list[str]:
-    """The shipped unrelated cloze prompts whose attention outputs a patch is solved to keep."""
-    text = files("hoppatch").joinpath("data/preserve_prompts.txt").read_text(encoding="utf-8")
-    return [line.replace("\\n", "\n") for line in text.splitlines() if line and not line.startswith("#")]
-
-
-COUNTERFACTUALS_PER_EXAMPLE = 32
-"""Counterfactual prompts (the query with another first-hop description) preserved per patched example."""
-COUNTERFACTUALS_PER_JOB = 512
-"""At most this many in all: they ride in every edit pass, so a job of many examples takes fewer each."""
-
-
-def first_hop_descriptions() -> list[str]:
-    """Descriptions of entities ("The capital of Lithuania") taken from the shipped single-hop clozes."""
-    return [p[: -len(" is")] for p in preserve_prompts() if p.endswith(" is") and "\n" not in p]
-
-
-def counterfactual_queries(example: TwoHopExample, descriptions: list[str], count: int = COUNTERFACTUALS_PER_EXAMPLE) -> list[str]:
-    """The query with its first-hop description replaced by unrelated ones: what the patch must leave alone."""
-    description = example.hop1.prompt.strip().removesuffix(" is")
-    at = example.query.lower().find(description.lower())
-    if at < 0 or not description:
-        return []
-    others = [d for d in descriptions if d.lower() != description.lower()]
-    picks = random.Random(example.id).sample(others, min(count, len(others)))
-    fit = (lambda d: d) if at == 0 else (lambda d: d[:1].lower() + d[1:])
-    return [example.query[:at] + fit(d) + example.query[at + len(description) :] for d in picks]
 
 
 @dataclass
@@ -182,9 +152,8 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, clock: _Clo
         outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
         outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
         preserved = preserved_statistics(lm, pre, outcome.layers)
-        descriptions = first_hop_descriptions()
         each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(outcome.patched)))
-        counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, descriptions, each)]
+        counterfactuals = [pre + c for ex in outcome.patched for c in counterfactual_queries(ex, each)]
         counterfactual_keys = last_token_keys(lm, counterfactuals, outcome.layers, memo=lm.memo.setdefault("keys", {}))
         # which way each query's answer moves at the edited layers: read on the unedited model, like the sweep
         targets = [first_token(lm, answer) for answer in answers]
