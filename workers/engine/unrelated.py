@@ -16,9 +16,9 @@ from importlib.resources import files
 
 from hoppatch.spec import TwoHopExample
 
-COUNTERFACTUALS_PER_EXAMPLE = 32
-"""Counterfactual queries preserved per patched example."""
-COUNTERFACTUALS_PER_JOB = 512
+COUNTERFACTUALS_PER_EXAMPLE = 48
+"""Counterfactual queries preserved per patched example (dev job: 32 → specificity 0.950, 48 → 0.965, 64 → 0.960)."""
+COUNTERFACTUALS_PER_JOB = 1024
 """At most this many in all: their keys enter every layer's solve, so a job of many examples takes fewer each."""
 
 _NAME_JOINERS = frozenset({"of", "the", "de", "van", "von", "la", "le", "du", "del", "da", "and", "&", "bin", "al", "y"})
