@@ -12,7 +12,7 @@ COPY service ./service
 COPY workers ./workers
 COPY examples ./examples
 RUN pip install --no-cache-dir . \
-    && python -c "from workers.engine.models import builtin_model_dir; builtin_model_dir()"
+    && python -c "from hoppatch.engine.models import builtin_model_dir; builtin_model_dir()"
 EXPOSE 8000 9101
 ENTRYPOINT ["hoppatch"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

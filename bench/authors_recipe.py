@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.engine.edit import LayerDelta, apply_layer_delta
-from workers.engine.models import LoadedModel
-from workers.engine.tracing import record_attn_out
+from hoppatch.engine.edit import LayerDelta, apply_layer_delta
+from hoppatch.engine.models import LoadedModel
+from hoppatch.engine.tracing import record_attn_out
 
 CONTEXT_PREFIXES = [
     "",

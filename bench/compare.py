@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.authors_recipe import AUTHORS_BAND_GEMMA_270M, authors_edit  # noqa: E402
 from hoppatch.spec import JobSpec, read_examples, read_preamble  # noqa: E402
-from workers.engine.diagnose import diagnose  # noqa: E402
-from workers.engine.edit import WeightSnapshot  # noqa: E402
-from workers.engine.evaluate import ProbeOutcome, build_probes, rate, read_after, read_before  # noqa: E402
-from workers.engine.models import load_model  # noqa: E402
-from workers.engine.pipeline import run_job  # noqa: E402
+from hoppatch.engine.diagnose import diagnose  # noqa: E402
+from hoppatch.engine.edit import WeightSnapshot  # noqa: E402
+from hoppatch.engine.evaluate import ProbeOutcome, build_probes, rate, read_after, read_before  # noqa: E402
+from hoppatch.engine.models import load_model  # noqa: E402
+from hoppatch.engine.pipeline import run_job  # noqa: E402
 
 KINDS = ("correction", "paraphrase", "generalization", "specificity")
 

@@ -40,10 +40,10 @@ def main() -> None:
 
     from bench.authors_recipe import AUTHORS_BAND_GEMMA_270M, authors_edit
     from hoppatch.spec import JobSpec, read_examples, read_preamble
-    from workers.engine.edit import WeightSnapshot
-    from workers.engine.models import BUILTIN_GEMMA, load_model
-    from workers.engine.pipeline import run_job
-    from workers.engine.publish import publish
+    from hoppatch.engine.edit import WeightSnapshot
+    from hoppatch.engine.models import BUILTIN_GEMMA, load_model
+    from hoppatch.engine.pipeline import run_job
+    from hoppatch.engine.publish import publish
 
     examples = read_examples(EXAMPLES / "gemma-3-270m.json")
     preamble = read_preamble(EXAMPLES / "preamble.txt")

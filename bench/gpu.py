@@ -20,17 +20,17 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.authors_recipe import authors_edit  # noqa: E402
 from hoppatch.spec import Hop, LabeledQuery, TwoHopExample  # noqa: E402
-from tests.tiny_models import tiny_tokenizer  # noqa: E402
-from workers.engine.diagnose import diagnose  # noqa: E402
-from workers.engine.answers import answer_variants  # noqa: E402
-from workers.engine.calibrate import calibrate  # noqa: E402
-from workers.engine.edit import WeightSnapshot, creme_edit, key_statistics, last_token_keys  # noqa: E402
-from workers.engine.evaluate import build_probes, read_after, read_before  # noqa: E402
-from workers.engine.locate import locate_layers  # noqa: E402
-from workers.engine.lens import first_token  # noqa: E402
-from workers.engine.models import wrap_model  # noqa: E402
-from workers.engine.unrelated import counterfactual_queries  # noqa: E402
-from workers.engine.tracing import attn_out_gradients  # noqa: E402
+from hoppatch.engine.tiny_models import tiny_tokenizer  # noqa: E402
+from hoppatch.engine.diagnose import diagnose  # noqa: E402
+from hoppatch.engine.answers import answer_variants  # noqa: E402
+from hoppatch.engine.calibrate import calibrate  # noqa: E402
+from hoppatch.engine.edit import WeightSnapshot, creme_edit, key_statistics, last_token_keys  # noqa: E402
+from hoppatch.engine.evaluate import build_probes, read_after, read_before  # noqa: E402
+from hoppatch.engine.locate import locate_layers  # noqa: E402
+from hoppatch.engine.lens import first_token  # noqa: E402
+from hoppatch.engine.models import wrap_model  # noqa: E402
+from hoppatch.engine.unrelated import counterfactual_queries  # noqa: E402
+from hoppatch.engine.tracing import attn_out_gradients  # noqa: E402
 
 SHAPES = {
     "llama-2-7b": dict(kind="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, band=list(range(17, 24))),

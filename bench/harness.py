@@ -78,7 +78,7 @@ def workers(env: dict[str, str], count: int):
 def tiny_model_dir(work: Path) -> Path:
     """A tiny random LLaMA saved under the model roots: jobs on it exercise the queue, not the model."""
     sys.path.insert(0, str(ROOT))
-    from tests.tiny_models import tiny_model
+    from hoppatch.engine.tiny_models import tiny_model
 
     target = work / "models" / "tiny-llama"
     lm = tiny_model("llama")

@@ -24,7 +24,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import api_server, environment, percentile, redis_server, tiny_job, tiny_model_dir, workers  # noqa: E402
-from service.auth import create_key  # noqa: E402
+from hoppatch.service.auth import create_key  # noqa: E402
 
 WRK_SCRIPT = """
 wrk.method = "POST"

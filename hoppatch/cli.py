@@ -89,9 +89,9 @@ def apply(
     out: Annotated[Path, typer.Option(help="Directory to write the patched model to")],
 ) -> None:
     """Write a patched copy of MODEL; refuses a base whose touched weights do not match the delta."""
-    from workers.engine.delta import apply_delta
-    from workers.engine.errors import EngineError
-    from workers.engine.models import load_model
+    from hoppatch.engine.delta import apply_delta
+    from hoppatch.engine.errors import EngineError
+    from hoppatch.engine.models import load_model
 
     if not delta.is_file():
         die(f"--delta {delta}: no such file")
@@ -131,7 +131,7 @@ def serve(
     """Run the HTTP API (Litestar on uvicorn)."""
     import uvicorn
 
-    from service.app import create_app
+    from hoppatch.service.app import create_app
 
     uvicorn.run(create_app(), host=host, port=port, log_level="warning")
 
@@ -143,7 +143,7 @@ def worker(
 ) -> None:
     """Run one RQ worker (one per GPU: set CUDA_VISIBLE_DEVICES), keeping models warm."""
     from hoppatch.settings import Settings
-    from workers.worker import run_worker
+    from hoppatch.workers.worker import run_worker
 
     run_worker(Settings(), burst=burst, preload=preload)
 
@@ -154,7 +154,7 @@ def keys_create(tenant: Annotated[str, typer.Option(help="The tenant this key ac
     import redis
 
     from hoppatch.settings import Settings
-    from service.auth import create_key
+    from hoppatch.service.auth import create_key
 
     typer.echo(create_key(redis.Redis.from_url(Settings().redis_url), tenant))
 
@@ -165,7 +165,7 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="The key to revoke")]) -
     import redis
 
     from hoppatch.settings import Settings
-    from service.auth import revoke_key
+    from hoppatch.service.auth import revoke_key
 
     if not revoke_key(redis.Redis.from_url(Settings().redis_url), key):
         die("no such key")

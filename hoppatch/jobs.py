@@ -23,7 +23,7 @@ from .spec import Budget
 
 PREFIX = "hoppatch"
 QUEUE_NAME = "hoppatch"
-TASK = "workers.tasks.run_edit_job"
+TASK = "hoppatch.workers.tasks.run_edit_job"
 """The RQ task, enqueued by dotted path so the service never imports the workers."""
 
 

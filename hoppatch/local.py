@@ -1,8 +1,9 @@
-"""`hoppatch edit`: the whole job on this machine, no server, with a progress bar."""
+"""`hoppatch edit`: the whole job on this machine, no server: a progress bar on a terminal, plain lines otherwise."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -12,29 +13,41 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from hoppatch.spec import JobSpec
 
 
-def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
-    from workers.engine.errors import EngineError, InvalidJob, ModelNotFound, UnsupportedArchitecture
-    from workers.engine.models import load_model
-    from workers.engine.pipeline import run_job
-    from workers.engine.publish import publish
+def _plain_progress(stage: str, fraction: float, message: str) -> None:
+    print(f"{fraction * 100:5.1f}%  {message}", file=sys.stderr, flush=True)
 
+
+def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
+    from hoppatch.engine.errors import EngineError, InvalidJob, ModelNotFound, UnsupportedArchitecture
+    from hoppatch.engine.models import load_model
+    from hoppatch.engine.pipeline import patch
+
+    interactive = sys.stderr.isatty()
     columns = (TextColumn("{task.description:<44}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
     # transient, on stderr: the bar animates on a terminal and leaves stdout to the result
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with Progress(*columns, console=Console(stderr=True), transient=True, disable=not interactive) as bar:
         task = bar.add_task(f"loading {spec.model}", total=1.0)
+
+        def progress(stage: str, fraction: float, message: str) -> None:
+            bar.update(task, completed=fraction, description=message)
+            if not interactive:
+                _plain_progress(stage, fraction, message)
+
+        progress("load", 0.0, f"loading {spec.model}")
         try:
             lm = load_model(spec.model, device=device)
-            outcome = run_job(lm, spec, progress=lambda stage, done, msg: bar.update(task, completed=done, description=msg))
-            bar.update(task, completed=0.8, description="writing artifacts")
-            document = publish(outcome, lm, out)
+            _, document = patch(lm, spec, out, progress=progress)
         except (ModelNotFound, UnsupportedArchitecture, InvalidJob) as exc:
             typer.echo(f"hoppatch: {exc}", err=True)
             raise typer.Exit(2) from None
         except EngineError as exc:
             typer.echo(f"hoppatch: {exc.code}: {exc}", err=True)
             raise typer.Exit(1) from None
-        bar.update(task, completed=1.0, description="done")
+        progress("done", 1.0, "done")
     summary = document["summary"]
-    shown = {k: summary[k] for k in ("patched", "correction_rate", "paraphrase_rate", "generalization_rate", "specificity_rate", "layers")}
+    shown = {
+        k: summary[k]
+        for k in ("patched", "correction_rate", "paraphrase_rate", "generalization_rate", "specificity_rate", "specificity_kept_or_right_rate", "layers")
+    }
     typer.echo(json.dumps(shown))
     typer.echo(f"artifacts in {out}")

@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from tests.tiny_models import FAMILIES, tiny_model
+from hoppatch.engine.tiny_models import FAMILIES, tiny_model
 
 
 @pytest.fixture(params=FAMILIES)

@@ -1,1 +1,1 @@
-"""GPU workers: the editing engine (`workers.engine`) and its adapter to the RQ queue."""
+"""The worker: adapts the RQ queue to the editing engine (`hoppatch.engine`): model cache, heartbeats, progress, artifacts."""

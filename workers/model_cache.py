@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine.models import LoadedModel, load_model
+from hoppatch.engine.models import LoadedModel, load_model
 from .metrics import MODEL_CACHE, MODEL_LOAD_SECONDS, MODELS_WARM
 
 

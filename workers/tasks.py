@@ -17,9 +17,8 @@ from hoppatch.spec import JobSpec
 
 from . import metrics
 from hoppatch.artifacts import ArtifactStore
-from .engine.errors import Cancelled, EngineError
-from .engine.pipeline import run_job
-from .engine.publish import publish
+from hoppatch.engine.errors import Cancelled, EngineError
+from hoppatch.engine.pipeline import patch
 from .model_cache import ModelCache
 
 _context: dict = {}
@@ -81,10 +80,9 @@ def _run(store: JobStore, job_id: str, spec: JobSpec) -> str:
     try:
         store.set_progress(job_id, "load", 0.0, f"loading {spec.model}")
         lm = _context["models"].get(spec.model)
-        outcome = run_job(lm, spec, progress=lambda s, f, m: store.set_progress(job_id, s, f, m), should_stop=should_stop)
-        store.set_progress(job_id, "publish", 0.8, "writing artifacts")
         with tempfile.TemporaryDirectory(prefix=f"{job_id}-") as tmp:
-            document = publish(outcome, lm, Path(tmp) / "out")
+            progress = lambda s, f, m: store.set_progress(job_id, s, f, m)  # noqa: E731
+            outcome, document = patch(lm, spec, Path(tmp) / "out", progress=progress, should_stop=should_stop)
             artifacts = _context["artifacts"].put(job_id, Path(tmp) / "out")
         for stage, seconds in outcome.seconds.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)

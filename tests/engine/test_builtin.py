@@ -12,13 +12,14 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from hoppatch.spec import JobSpec, read_examples, read_preamble
-from workers.engine.answers import answer_variants, greedy_answers, score_answers
-from workers.engine.delta import apply_delta
-from workers.engine.diagnose import Verdict, diagnose
-from workers.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
-from workers.engine.pipeline import run_job
-from workers.engine.publish import ARTIFACTS, publish
-from workers.engine.tracing import encode, forward, greedy_tokens
+from hoppatch.engine.answers import answer_variants, greedy_answers, score_answers
+from hoppatch.engine.delta import apply_delta
+from hoppatch.engine.diagnose import Verdict, diagnose
+from hoppatch.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
+from hoppatch.engine.pipeline import run_job
+from hoppatch.engine.publish import ARTIFACTS, publish
+from hoppatch.engine.context import RunContext, running
+from hoppatch.engine.tracing import encode, forward, greedy_tokens
 
 pytestmark = pytest.mark.builtin
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,12 +54,10 @@ def _first_lines(lm, tokens) -> list[str]:
 
 
 def _passes(lm, run) -> tuple[object, int]:
+    """What `run` returns, and how many forward passes it made (each pass is a checkpoint of the job)."""
     passes = []
-    lm.before_pass = lambda: passes.append(1)
-    try:
+    with running(RunContext(max_seconds=600, should_stop=lambda: passes.append(1) is not None)):
         return run(), len(passes)
-    finally:
-        lm.before_pass = None
 
 
 def test_greedy_answers_that_stop_at_the_end_of_the_line_are_those_of_the_whole_decoding(gemma):
@@ -83,10 +82,18 @@ def test_patch_corrects_and_is_measured(published):
     summary = document["summary"]
     assert summary["patched"] == len(EXAMPLES)
     assert summary["correction_rate"] == 1.0
-    for rate in ("paraphrase_rate", "generalization_rate", "specificity_rate"):
-        assert summary[rate] is not None and 0.0 <= summary[rate] <= 1.0
-    assert summary["event_rate_after"] >= summary["event_rate_before"]
-    assert len(summary["layers"]) <= 4 and set(summary["seconds"]) >= {"diagnose", "locate", "edit", "calibrate", "evaluate", "publish"}
+    # each rate is the fraction of its probes that succeeded, as listed per example
+    probes = [p for ex in document["examples"] for p in ex["probes"]]
+    for kind in ("paraphrase", "generalization", "specificity"):
+        chosen = [p["success"] for p in probes if p["kind"] == kind]
+        assert chosen and summary[f"{kind}_rate"] == sum(chosen) / len(chosen)
+    unchanged = [p["before"]["text"] == p["after"]["text"] for p in probes if p["kind"] == "specificity"]
+    assert summary["specificity_rate"] == sum(unchanged) / len(unchanged)
+    assert summary["specificity_kept_or_right_rate"] >= summary["specificity_rate"]
+    assert summary["event_rate_after"] > summary["event_rate_before"]
+    assert summary["perplexity_after"] > 0 and summary["kl_drift"] > 0
+    assert len(summary["layers"]) <= 4
+    assert set(summary["seconds"]) >= {"diagnose", "locate", "prepare", "edit", "calibrate", "evaluate", "publish"}
     # calibration kept every corrected example, each with at most its full share of the update
     scales = [ex["scale"] for ex in document["examples"]]
     assert all(0.0 < s <= 1.0 for s in scales) and summary["dropped"] == 0 and summary["rank"] == len(EXAMPLES)

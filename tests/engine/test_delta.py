@@ -6,11 +6,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from workers.engine.adapter import save_adapter
-from workers.engine.delta import apply_delta, read_delta, save_delta, weight_sha256
-from workers.engine.edit import WeightSnapshot, creme_edit
-from workers.engine.errors import DeltaMismatch
-from workers.engine.tracing import encode, forward
+from hoppatch.engine.adapter import save_adapter
+from hoppatch.engine.delta import apply_delta, read_delta, save_delta, weight_sha256
+from hoppatch.engine.edit import WeightSnapshot, creme_edit
+from hoppatch.engine.errors import DeltaMismatch
+from hoppatch.engine.tracing import encode, forward
 
 from .test_edit import GUIDE, QUERY, UNRELATED
 

@@ -9,14 +9,14 @@ import os
 import pytest
 import torch
 
-from tests.tiny_models import FAMILIES, tiny_model
-from workers.engine.calibrate import calibrate, mixed_deltas, scale_examples
-from workers.engine.delta import apply_delta, save_delta, weight_sha256
-from workers.engine.edit import WeightSnapshot, apply_layer_delta, creme_edit, key_statistics, last_token_keys
-from workers.engine.evaluate import Probe, read_after, read_before
-from workers.engine.locate import locate_layers
-from workers.engine.models import wrap_model
-from workers.engine.tracing import encode, forward, record_attn_out
+from hoppatch.engine.tiny_models import FAMILIES, tiny_model
+from hoppatch.engine.calibrate import calibrate, mixed_deltas, scale_examples
+from hoppatch.engine.delta import apply_delta, save_delta, weight_sha256
+from hoppatch.engine.edit import WeightSnapshot, apply_layer_delta, creme_edit, key_statistics, last_token_keys
+from hoppatch.engine.evaluate import Probe, read_probes
+from hoppatch.engine.locate import locate_layers
+from hoppatch.engine.models import wrap_model
+from hoppatch.engine.tracing import encode, forward, record_attn_out
 
 DEVICE = os.environ.get("HOPPATCH_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = pytest.mark.skipif(DEVICE is None, reason="no GPU (HOPPATCH_TEST_DEVICE=cpu runs it on the CPU)")
@@ -65,12 +65,13 @@ def test_edit_calibrate_evaluate_and_export_on_the_device(tiny_bf16, tmp_path):
     snapshot.restore()
 
     probes = [Probe("a", "correction", QUERIES[0], "Poe"), Probe("a", "specificity", UNRELATED[0], "Paris")]
-    before = read_before(lm, probes, "")
-    for delta in result.deltas:
-        apply_layer_delta(lm, delta)
-    deltas, scales = calibrate(lm, result.deltas, snapshot, QUERIES, [["Poe"], ["Paris"]])
+    read_probes(lm, probes, "")
+    scales = calibrate(lm, result.deltas, QUERIES, [["Poe"], ["Paris"]], (0.5, 1.0))
     assert len(scales) == 2 and all(0.0 <= s <= 1.0 for s in scales)
-    after = read_after(lm, probes, before, "")
+    deltas = scale_examples(result.deltas, scales)
+    for delta in deltas:
+        apply_layer_delta(lm, delta)
+    after = read_probes(lm, probes, "")
     assert len(after) == len(probes)
     snapshot.restore()
     assert all(torch.equal(lm.attn_out_weight(layer), weight) for layer, weight in base.items())

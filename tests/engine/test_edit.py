@@ -2,8 +2,9 @@
 
 import torch
 
-from workers.engine.calibrate import mixed_deltas, scale_examples
-from workers.engine.edit import (
+from hoppatch.engine.calibrate import mixed_deltas, scale_examples
+from hoppatch.engine.warm import ByteLru, tensor_bytes
+from hoppatch.engine.edit import (
     EditConfig,
     apply_layer_delta,
     KeyStatistics,
@@ -16,7 +17,7 @@ from workers.engine.edit import (
     low_rank_norm,
     solve_update,
 )
-from workers.engine.tracing import attn_out_gradients, encode, forward, patched_last_logits, record_attn_inputs, record_attn_out
+from hoppatch.engine.tracing import attn_out_gradients, encode, forward, patched_last_logits, record_attn_inputs, record_attn_out
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
 GUIDE = "The nationality of Edgar Allan Poe is"
@@ -139,10 +140,10 @@ def test_scaling_examples_scales_their_columns_and_drops_zeros(tiny):
 
 
 def test_last_token_keys_are_read_once_and_kept_in_order(tiny):
-    layers, memo = [1, 2], {}
-    first = last_token_keys(tiny, UNRELATED[:2], layers, memo)
-    both = last_token_keys(tiny, UNRELATED[::-1], layers, memo)  # two kept, two read now
-    assert len(memo) == len(UNRELATED) * len(layers)
+    layers, known = [1, 2], ByteLru("keys", 1 << 20, tensor_bytes)
+    first = last_token_keys(tiny, UNRELATED[:2], layers, known)
+    both = last_token_keys(tiny, UNRELATED[::-1], layers, known)  # two kept, two read now
+    assert len(known) == len(UNRELATED) * len(layers)
     fresh = record_attn_out(tiny, UNRELATED[::-1], layers)
     for layer in layers:
         torch.testing.assert_close(both[layer], fresh.inputs[layer], atol=1e-5, rtol=1e-4)

@@ -2,8 +2,8 @@
 
 import torch
 
-from workers.engine.locate import band_windows, locate_layers
-from workers.engine.lens import logit_lens
+from hoppatch.engine.locate import band_windows, locate_layers
+from hoppatch.engine.lens import logit_lens
 
 from .test_edit import GUIDE, QUERY
 

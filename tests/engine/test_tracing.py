@@ -2,7 +2,7 @@
 
 import torch
 
-from workers.engine.tracing import (
+from hoppatch.engine.tracing import (
     encode,
     encode_ids,
     forward,

@@ -3,7 +3,7 @@
 import pytest
 
 from hoppatch.spec import Hop, TwoHopExample
-from workers.engine.unrelated import counterfactual_queries, first_hop_descriptions, named_subject, named_subjects
+from hoppatch.engine.unrelated import counterfactual_queries, first_hop_descriptions, named_subject, named_subjects
 
 KEMPER = TwoHopExample(
     id="kemper",

@@ -6,8 +6,8 @@ from litestar.testing import TestClient
 
 from hoppatch.settings import Settings
 from hoppatch.spec import read_examples
-from service.app import create_app
-from service.auth import create_key
+from hoppatch.service.app import create_app
+from hoppatch.service.auth import create_key
 
 EXAMPLES_FILE = Path(__file__).resolve().parents[2] / "examples" / "gemma-3-270m.json"
 

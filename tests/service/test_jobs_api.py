@@ -1,8 +1,8 @@
 """The job API over a real Redis: create, idempotency, paging, tenants, cancel of a queued job."""
 
 from hoppatch.jobs import QUEUE_NAME
-from service import auth
-from service.auth import create_key, revoke_key
+from hoppatch.service import auth
+from hoppatch.service.auth import create_key, revoke_key
 
 from .conftest import job_body
 

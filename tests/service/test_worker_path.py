@@ -18,7 +18,7 @@ import pytest
 from litestar.testing import TestClient
 
 from hoppatch.settings import Settings
-from service.app import create_app
+from hoppatch.service.app import create_app
 
 from .conftest import job_body, shipped_examples
 

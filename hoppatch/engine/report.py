@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: workers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .evaluate import rate  # noqa: E402
+from .evaluate import Rates  # noqa: E402
 
 
 def plot_example(path: Path, title: str, lens, effects: list[float], layers: list[int]) -> None:
@@ -28,26 +28,18 @@ def plot_example(path: Path, title: str, lens, effects: list[float], layers: lis
     plt.close(fig)
 
 
-def plot_summary(path: Path, probes) -> None:
-    kinds = ["correction", "paraphrase", "generalization", "specificity"]
-    before = [_rate_before(probes, k) for k in kinds]
-    after = [rate(probes, k) for k in kinds]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    xs = range(len(kinds))
+def plot_summary(path: Path, rates: Rates) -> None:
+    kinds = ["correction", "paraphrase", "generalization"]
+    before = [getattr(rates, f"{k}_before") for k in kinds] + [None, None]
+    after = [getattr(rates, k) for k in kinds] + [rates.specificity, rates.specificity_kept_or_right]
+    labels = [*kinds, "specificity\n(unchanged)", "specificity\n(kept or right)"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], [b or 0 for b in before], width=0.4, label="before")
     ax.bar([x + 0.2 for x in xs], [a or 0 for a in after], width=0.4, label="after")
-    ax.set_xticks(list(xs), kinds)
-    ax.set(ylim=(0, 1.05), ylabel="fraction of queries", title="patch outcome (specificity: unchanged or right)")
+    ax.set_xticks(list(xs), labels)
+    ax.set(ylim=(0, 1.05), ylabel="fraction of queries", title="patch outcome")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def _rate_before(probes, kind: str) -> float | None:
-    chosen = [p for p in probes if p.probe.kind == kind]
-    if not chosen:
-        return None
-    if kind == "specificity":
-        return 1.0  # nothing has changed yet
-    return sum(p.before.gives for p in chosen) / len(chosen)

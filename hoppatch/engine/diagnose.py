@@ -46,11 +46,11 @@ def _verdict(hop1: AnswerScore, hop2: AnswerScore, query: AnswerScore) -> Verdic
 def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str = "") -> list[Diagnosis]:
     """Classify every example with one batched teacher-forced pass (plus one greedy pass for the queries).
 
-    Memoised on the warm model (whose base weights every job restores): a resubmitted example costs nothing.
+    Kept warm on the model (whose base weights every job restores): a resubmitted example costs nothing.
     """
-    memo: dict[tuple, Diagnosis] = lm.memo.setdefault(("diagnose", preamble), {})
-    keys = [_memo_key(ex) for ex in examples]
-    todo = list({key: ex for key, ex in zip(keys, examples) if key not in memo}.values())
+    known = lm.warm.diagnoses
+    keys = [(preamble, *_facts(ex)) for ex in examples]
+    todo = list({key: ex for key, ex in zip(keys, examples) if key not in known}.values())
     if todo:
         prompts, answers = [], []
         for ex in todo:
@@ -59,9 +59,11 @@ def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str =
         scores = score_answers(lm, prompts, answers)
         predictions = greedy_answers(lm, [preamble + ex.query for ex in todo])
         for i, ex in enumerate(todo):
-            memo[_memo_key(ex)] = Diagnosis(ex.id, _verdict(*scores[3 * i : 3 * i + 3]), *scores[3 * i : 3 * i + 3], predictions[i])
-    return [replace(memo[key], example_id=ex.id) for key, ex in zip(keys, examples)]
+            diagnosis = Diagnosis(ex.id, _verdict(*scores[3 * i : 3 * i + 3]), *scores[3 * i : 3 * i + 3], predictions[i])
+            known.put((preamble, *_facts(ex)), diagnosis)
+    found = {key: known.get(key) for key in keys}  # each looked up once: a small cache may evict as it goes
+    return [replace(found[key], example_id=ex.id) for key, ex in zip(keys, examples)]
 
 
-def _memo_key(ex: TwoHopExample) -> tuple:
+def _facts(ex: TwoHopExample) -> tuple:
     return (ex.query, ex.answer, tuple(ex.aliases), ex.hop1.prompt, ex.hop1.answer, ex.hop2.prompt, ex.hop2.answer)

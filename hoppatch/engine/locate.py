@@ -62,18 +62,19 @@ def locate_layers(
 ) -> LocateResult:
     """Per example one pass: its unpatched row, a row per single layer, and a row per window of `max_layers`.
 
-    Each example's rows are memoised on the warm model (whose base weights every job restores).
+    Each example's rows are kept warm on the model (whose base weights every job restores).
     """
     L = lm.num_layers
     windows = band_windows(L, max_layers)
     rows = [[], *([layer] for layer in range(L)), *windows]
-    memo: dict[tuple, torch.Tensor] = lm.memo.setdefault(("locate", max_layers), {})
-    keys = list(zip(queries, guides, answers))
-    todo = [i for i, key in enumerate(keys) if key not in memo]
+    known = lm.warm.locate_rows
+    keys = [(max_layers, *key) for key in zip(queries, guides, answers)]
+    found = {key: known.get(key) for key in keys}
+    todo = [i for i, key in enumerate(keys) if found[key] is None]
     if todo:
         for i, guide_out in zip(todo, guide_outputs(lm, [guides[i] for i in todo])):
-            memo[keys[i]] = patched_logprobs(lm, queries[i], guide_out, first_token(lm, answers[i]), rows)
-    logp = torch.stack([memo[key] for key in keys])  # (n, rows)
+            found[keys[i]] = known.put(keys[i], patched_logprobs(lm, queries[i], guide_out, first_token(lm, answers[i]), rows))
+    logp = torch.stack([found[key] for key in keys])  # (n, rows)
     effects, joint = logp[:, 1 : L + 1] - logp[:, :1], logp[:, L + 1 :].mean(0)
     band = windows[int(joint.argmax())]
     return LocateResult(effects.tolist(), effects.mean(0).tolist(), band, joint.tolist())

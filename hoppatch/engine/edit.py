@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .models import LoadedModel
+from .warm import ByteLru, tensor_bytes
 from .tracing import (
     encode_ids,
     pass_overhead_tokens,
@@ -48,14 +49,15 @@ class EditConfig:
     """Weight of the preserved-prompt second moment in the key metric; 0 gives the paper's plain key."""
     ridge: float = 0.003
     """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible. Small, so the
-    preserved and counterfactual keys decide the update's direction (dev job: 0.05 → specificity 0.92,
-    0.003 → 0.965 with subject-swapped counterfactuals)."""
+    preserved and counterfactual keys decide the update's direction."""
     counterfactual_weight: float = 3.0
     """Scale of the counterfactual keys (the query's template, other subjects); their moment weighs its square."""
     all_positions_weight: float = 1.0
     """Weight of the preserved prompts' all-position moment, relative to the last-token moments' scale."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
+    calibration_steps: tuple[float, ...] = (0.5, 1.0)
+    """Shares of the update tried per example by `calibrate`, the least that corrects its query kept."""
     off_answer_weight: float = 0.3
     """With the answer's gradients given, the part of g − o that does not move the answer (to first order) is
     kept at this weight: 0 keeps only the part along the gradient, 1 is CREME's whole g − o."""
@@ -112,6 +114,9 @@ class KeyStatistics:
     last: torch.Tensor  # (N, in): each prompt's key at its last token
     moment: torch.Tensor  # (in, in): mean k kᵀ over every position after the prompts' common prefix
     _factors: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.last, self.moment, *self._factors.values())
 
     def base_factor(self, config: EditConfig) -> torch.Tensor:
         """L⁻¹ for B = L Lᵀ = w_A·A/mean(diag A) + ridge·(1 + w_A)·I, float64; kept, as it depends on the
@@ -275,23 +280,28 @@ def creme_edit(
 
 @torch.no_grad()
 def last_token_keys(
-    lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], memo: dict | None = None, batch: int = 64
+    lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], known: ByteLru | None = None, batch: int = 64
 ) -> dict[int, torch.Tensor]:
     """Last-token projection inputs of prompts at each layer: {layer: (N, in)}, in prompt order.
 
-    `memo` ({(prompt, layer): key}) keeps them across calls on the same unedited model.
+    `known` ((prompt, layer) → key, `WarmState.counterfactual_keys`) keeps them across calls on the same
+    unedited model.
     """
     if not prompts:
         return {}
-    memo = {} if memo is None else memo
-    todo = list(dict.fromkeys(p for p in prompts for layer in layers if (p, layer) not in memo))
+    found: dict[tuple[str, int], torch.Tensor | None] = {}
+    for p in prompts:
+        for layer in layers:
+            found[p, layer] = known.get((p, layer)) if known is not None else None
+    todo = list(dict.fromkeys(p for (p, _), key in found.items() if key is None))
     ids = [lm.tokenizer(p)["input_ids"] for p in todo]
     for rows in token_batches(ids, batch, pass_overhead_tokens(lm)) if todo else []:
         record = record_attn_out_ids(lm, [ids[i] for i in rows], layers)
         for layer in layers:
             for row, i in enumerate(rows):
-                memo[todo[i], layer] = record.inputs[layer][row]
-    return {layer: torch.stack([memo[p, layer] for p in prompts]) for layer in layers}
+                key = record.inputs[layer][row].clone()
+                found[todo[i], layer] = known.put((todo[i], layer), key) if known is not None else key
+    return {layer: torch.stack([found[p, layer] for p in prompts]) for layer in layers}
 
 
 @torch.no_grad()

@@ -19,13 +19,16 @@ from hoppatch import __version__
 
 from .adapter import save_adapter
 from .delta import save_delta
-from .evaluate import event_rate, rate
+from .evaluate import rates
 from .models import LoadedModel
 from .pipeline import JobOutcome
 from .report import plot_example, plot_summary
 
 ARTIFACTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json")
 """Files every successful job publishes, besides the plots under report/."""
+
+
+DROPPED_REASON = "the full update did not correct its query; left out of the delta, counted as a failed correction"
 
 
 def metrics(outcome: JobOutcome) -> dict:
@@ -35,22 +38,29 @@ def metrics(outcome: JobOutcome) -> dict:
     deltas = [p.after.logp_answer - p.before.logp_answer for p in corrections]
     diagnosis = dict(Counter(d.verdict.value for d in outcome.diagnoses))
     edit = outcome.edit
+    r = rates(probes)
+    dropped = [ex.id for ex, s in zip(outcome.patched, outcome.scales or []) if s == 0]
     summary = {
         "examples": len(outcome.diagnoses),
         "diagnosis": diagnosis,
         "patched": len(outcome.patched),
-        "correction_rate": rate(probes, "correction"),
-        "paraphrase_rate": rate(probes, "paraphrase"),
-        "generalization_rate": rate(probes, "generalization"),
-        "specificity_rate": rate(probes, "specificity"),
-        "event_rate_before": event_rate(probes, "before"),
-        "event_rate_after": event_rate(probes, "after"),
+        "correction_rate": r.correction,
+        "paraphrase_rate": r.paraphrase,
+        "generalization_rate": r.generalization,
+        "specificity_rate": r.specificity,
+        "specificity_kept_or_right_rate": r.specificity_kept_or_right,
+        "correction_rate_before": r.correction_before,
+        "paraphrase_rate_before": r.paraphrase_before,
+        "generalization_rate_before": r.generalization_before,
+        "event_rate_before": r.event_before,
+        "event_rate_after": r.event_after,
         "mean_delta_logp_answer": sum(deltas) / len(deltas) if deltas else None,
         "perplexity_before": outcome.perplexity_before,
         "perplexity_after": outcome.perplexity_after,
+        "kl_drift": outcome.kl_drift,
         "layers": outcome.layers,
         "rank": max((d.rank for d in edit.deltas), default=0) if edit else 0,
-        "dropped": sum(s == 0 for s in outcome.scales or []),
+        "dropped": len(dropped),
         "relative_norms": {d.layer: round(d.relative_norm, 6) for d in edit.deltas} if edit else {},
         "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()},
     }
@@ -63,8 +73,8 @@ def metrics(outcome: JobOutcome) -> dict:
                 "prompt": p.probe.prompt,
                 "answer": p.probe.answer,
                 "success": p.success,
-                "before": msgspec.to_builtins(p.before),
-                "after": msgspec.to_builtins(p.after),
+                "before": _reading(p.before),
+                "after": _reading(p.after),
             }
         )
     examples = []
@@ -78,6 +88,7 @@ def metrics(outcome: JobOutcome) -> dict:
                 "hop2": {"gives": d.hop2.gives, "p": d.hop2.p_first},
                 "query": {"gives": d.query.gives, "p": d.query.p_first},
                 "scale": scales.get(ex.id),
+                "dropped_reason": DROPPED_REASON if ex.id in dropped else None,
                 "probes": by_example.get(ex.id, []),
             }
         )
@@ -89,6 +100,12 @@ def metrics(outcome: JobOutcome) -> dict:
         "examples": examples,
         "locate": {"mean_effect": located.mean_effect, "layers": located.layers} if located else None,
     }
+
+
+def _reading(reading) -> dict:
+    document = msgspec.to_builtins(reading)
+    document.pop("continuation", None)  # token ids: `text` says the same for a reader
+    return document
 
 
 def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
@@ -115,7 +132,7 @@ def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
         effects = outcome.located.effects if outcome.located else []
         for i, ex in enumerate(outcome.patched):
             plot_example(report / f"{ex.id}.png", ex.query, outcome.lens[ex.id], effects[i] if effects else [], outcome.layers)
-        plot_summary(report / "summary.png", outcome.probes)
+        plot_summary(report / "summary.png", rates(outcome.probes))
         outcome.seconds["publish"] = time.perf_counter() - started
         document = metrics(outcome)
         (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")

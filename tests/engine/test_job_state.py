@@ -1,0 +1,135 @@
+"""A job's state: the warm caches' budgets, the run context's stops, calibration, and what the edit preserves."""
+
+import pytest
+import torch
+
+from hoppatch.engine.answers import answer_variants
+from hoppatch.engine.calibrate import calibrate
+from hoppatch.engine.context import RunContext, checkpoint, running
+from hoppatch.engine.edit import EditConfig, LayerDelta, key_statistics
+from hoppatch.engine.errors import BudgetExceeded, Cancelled
+from hoppatch.engine.evaluate import Probe, ProbeOutcome, Reading, rates
+from hoppatch.engine.lens import first_token
+from hoppatch.engine.pipeline import prepare_edit, preserved_prompts
+from hoppatch.engine.tracing import record_attn_out
+from hoppatch.engine.unrelated import counterfactual_queries, preserve_prompts
+from hoppatch.engine.warm import ByteLru
+from hoppatch.spec import Hop, JobSpec, LabeledQuery, TwoHopExample, read_examples
+
+QUERY = "The nationality of the creator of C. Auguste Dupin is"
+OTHER = "The capital of the country that Poe was born in is"
+
+
+def test_byte_lru_evicts_the_least_recently_used_within_its_budget():
+    cache: ByteLru[str, int] = ByteLru("test", budget=10, size_of=lambda v: v)
+    cache.put("a", 4)
+    cache.put("b", 4)
+    assert cache.get("a") == 4  # a is now the most recent
+    cache.put("c", 4)
+    assert "b" not in cache and "a" in cache and "c" in cache
+    assert cache.bytes == 8 and cache.evictions == 1
+    cache.put("huge", 50)  # larger than the budget: kept alone
+    assert len(cache) == 1 and cache.bytes == 50 and cache.evictions == 3
+
+
+def test_checkpoints_stop_a_cancelled_or_late_job_and_pass_outside_one():
+    checkpoint()
+    with running(RunContext(max_seconds=600, should_stop=lambda: True)):
+        with pytest.raises(Cancelled):
+            checkpoint()
+    with running(RunContext(max_seconds=-1)) as late:
+        late.stage_name = "edit"
+        with pytest.raises(BudgetExceeded, match="during edit"):
+            checkpoint()
+    checkpoint()
+
+
+def test_a_job_past_its_budget_fails_with_budget_exceeded(tiny):
+    from hoppatch.engine.pipeline import run_job
+    from hoppatch.spec import Budget
+
+    example = TwoHopExample(
+        id="a", query=QUERY, answer="America",
+        hop1=Hop("The creator of C. Auguste Dupin is", "Edgar Allan Poe"), hop2=Hop("The nationality of Edgar Allan Poe is", "America"),
+    )
+    spec = JobSpec(model="tiny", examples=[example], budget=Budget(max_seconds=1e-9))
+    with pytest.raises(BudgetExceeded, match="during diagnose"):
+        run_job(tiny, spec)
+
+
+def test_answers_count_only_as_written_or_as_an_alias():
+    assert answer_variants("Peter the Great") == ["Peter the Great"]
+    assert answer_variants("United States of America", ["USA", " United States "]) == ["United States of America", "USA", "United States"]
+
+
+def _reading(continuation: tuple[int, ...], gives: bool = False) -> Reading:
+    return Reading(gives, 0.1, -2.0, continuation, "text")
+
+
+def test_specificity_is_an_unchanged_continuation_and_kept_or_right_is_looser():
+    probe = Probe("a", "specificity", "The capital of France is", "Paris")
+    same = ProbeOutcome(probe, _reading((1, 2, 3, 4, 5, 6, 7, 8)), _reading((1, 2, 3, 4, 5, 6, 7, 8)))
+    tail_changed = ProbeOutcome(probe, _reading((1, 2, 3, 4, 5, 6, 7, 8)), _reading((1, 2, 3, 4, 9, 9, 9, 9)))
+    right_now = ProbeOutcome(probe, _reading((5, 5)), _reading((7, 7), gives=True))
+    damaged = ProbeOutcome(probe, _reading((1, 2, 3)), _reading((1, 2, 9)))
+    r = rates([same, tail_changed, right_now, damaged])
+    assert r.specificity == 0.25
+    assert r.specificity_kept_or_right == 0.75
+    assert r.correction is None and r.paraphrase is None
+
+
+def test_rates_before_and_after_come_from_the_same_outcomes():
+    probe = Probe("a", "correction", QUERY, "American", rival="French")
+    fixed = ProbeOutcome(probe, Reading(False, 0.1, -3.0, logp_rival=-1.0), Reading(True, 0.9, -0.1, logp_rival=-4.0))
+    missed = ProbeOutcome(probe, Reading(False, 0.1, -3.0, logp_rival=-1.0), Reading(False, 0.2, -2.0, logp_rival=-1.5))
+    r = rates([fixed, missed])
+    assert (r.correction, r.correction_before, r.event_before, r.event_after) == (0.5, 0.0, 0.0, 0.5)
+
+
+def _forcing_delta(lm, layer: int, query: str, answer: str, strength: float) -> torch.Tensor:
+    """A left factor column that, fed the query's key, writes the answer's unembedding row at `layer`."""
+    direction = lm.unembed.weight[first_token(lm, answer)].float()
+    return strength * direction / direction.norm()
+
+
+def test_calibrate_keeps_the_least_share_that_corrects_and_drops_what_cannot_be_corrected(tiny):
+    layer = tiny.num_layers - 1
+    queries = [QUERY, OTHER]
+    keys = record_attn_out(tiny, queries, [layer]).inputs[layer]  # (2, in)
+    right = torch.linalg.pinv(keys.double().T).float()  # (2, in): right @ keys.T = I, so column i acts on query i alone
+    left = torch.stack([_forcing_delta(tiny, layer, QUERY, "Poe", 200.0), torch.zeros(tiny.unembed.weight.shape[1])], 1)
+    delta = LayerDelta(layer, tiny.attn_out_name(layer), left, right, relative_norm=1.0)
+    base = tiny.attn_out_weight(layer).clone()
+    scales = calibrate(tiny, [delta], queries, [["Poe"], ["Paris"]], steps=(0.5, 1.0))
+    assert scales == [0.5, 0.0]
+    assert torch.equal(tiny.attn_out_weight(layer), base)  # trials never touch the weights
+
+
+def test_prepare_never_preserves_the_jobs_own_prompts(tiny):
+    shipped = preserve_prompts()
+    example = TwoHopExample(
+        id="a", query=QUERY, answer="America",
+        hop1=Hop("The creator of C. Auguste Dupin is", "Edgar Allan Poe"), hop2=Hop("The nationality of Edgar Allan Poe is", "America"),
+        specificity=[LabeledQuery(shipped[0], "x"), LabeledQuery(shipped[5], "y")],
+    )
+    spec = JobSpec(model="tiny", examples=[example])
+    probes = [Probe("a", "specificity", q.prompt, q.answer) for q in example.specificity]
+    layers = [1]
+    inputs = prepare_edit(tiny, spec, [example], probes, layers, EditConfig(off_answer_weight=1.0))
+    kept = preserved_prompts("", {shipped[0], shipped[5]})
+    assert shipped[0] not in kept and shipped[5] not in kept and len(kept) == len(shipped) - 2
+    expected = key_statistics(tiny, kept, layers)[1]
+    torch.testing.assert_close(inputs.preserved[1].moment, expected.moment)
+    torch.testing.assert_close(inputs.preserved[1].last, expected.last)
+    assert all(q not in {shipped[0], shipped[5]} for q in counterfactual_queries(example))
+
+
+def test_no_shipped_preserve_prompt_is_a_prompt_of_the_shipped_examples():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shipped = {p.lower() for p in preserve_prompts()}
+    for path in (root / "examples").glob("*.json"):
+        for ex in read_examples(path):
+            prompts = {ex.query, ex.hop1.prompt, ex.hop2.prompt, *ex.paraphrases, *(q.prompt for q in ex.generalization), *(q.prompt for q in ex.specificity)}
+            assert not {p.lower() for p in prompts} & shipped, path
