@@ -1,8 +1,8 @@
 """The authors' CREME recipe, re-implemented for comparison (creme/fastedit_comp, commit fcb11de).
 
-Per layer of a fixed band, ascending, on the model edited below it: three batched passes over 22 context
-variants of the prompt (the prompt itself and 21 short prefixes) — keys of the composed query (u), guide
-outputs (g), keys and outputs of the query again (k̄, ō) — then W ← W + (ḡ − ō) k̄ᵀ / ‖k̄‖². One example at a time.
+Per layer of a fixed band, ascending, on the model edited below it: batched passes over 22 context variants
+of the prompt (the prompt itself and 21 short prefixes) give the composed query's keys and outputs (k̄, ō)
+and the guide's outputs (ḡ), then W ← W + (ḡ − ō) k̄ᵀ / ‖k̄‖². One example at a time.
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ CONTEXT_PREFIXES = [
 ]
 """22 context variants, as in the authors' code (the prompt itself plus 21 short prefixes)."""
 
-AUTHORS_BAND_GEMMA_270M = [8, 9, 10, 11, 12, 13]
-"""The fixed band used for the built-in model, the counterpart of LLaMA-2-7B's 17–23."""
+AUTHORS_BANDS = {
+    "builtin:gemma-3-270m": [8, 9, 10, 11, 12, 13],
+    "builtin:smollm2-135m": [13, 14, 15, 16, 17, 18, 19],
+}
+"""The fixed band per built-in model: the counterpart of LLaMA-2-7B's 17–23 of 32 (the same share of depth)."""
 
 
 @torch.no_grad()
@@ -49,11 +52,11 @@ def authors_edit(lm: LoadedModel, query: str, guide: str, layers: list[int], pre
     queries = [preamble + p + query for p in CONTEXT_PREFIXES]
     guides = [preamble + p + guide for p in CONTEXT_PREFIXES]
     for layer in sorted(layers):
-        u = record_attn_out(lm, queries, [layer]).inputs[layer].mean(0)  # pass 1: (in,)
-        g = record_attn_out(lm, guides, [layer]).outputs[layer].mean(0)  # pass 2: (out,)
-        again = record_attn_out(lm, queries, [layer])  # pass 3
-        k, o = again.inputs[layer].mean(0), again.outputs[layer].mean(0)
-        assert torch.allclose(u, k, atol=1e-4)  # u and k̄ are the same quantity, computed twice
+        # The authors' code reads the query's keys in a pass of their own and again with its outputs; one
+        # pass gives both, so it is timed with the two passes it needs.
+        query = record_attn_out(lm, queries, [layer])
+        k, o = query.inputs[layer].mean(0), query.outputs[layer].mean(0)  # (in,), (out,)
+        g = record_attn_out(lm, guides, [layer]).outputs[layer].mean(0)  # (out,)
         left = ((g - o) / k.norm())[:, None]  # (out, 1)
         right = (k / k.norm())[None, :]  # (1, in)
         weight = lm.attn_out_weight(layer)

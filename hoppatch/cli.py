@@ -1,5 +1,7 @@
 """`hoppatch`: edit on one machine, apply a delta, run the API or a worker, submit jobs from CI, manage keys.
 
+This module sits in the base package, yet `serve`, `worker` and `keys` import the service and the worker:
+those commands are the one place where the entry point reaches up to the layers above it.
 Bad input prints one plain line to stderr and exits 2. Heavy imports (torch, Litestar) happen inside the
 command that needs them, so `hoppatch submit` in a CI job stays light.
 """
@@ -48,10 +50,11 @@ def edit(
     examples: Annotated[Path, typer.Option(help="Examples: a JSON list or JSON Lines (hoppatch.examples/v1)")],
     out: Annotated[Path, typer.Option(help="Directory for the artifacts; must not exist or be empty")],
     layers: Annotated[str | None, typer.Option(help="Edit these layers (e.g. 8-11) instead of locating them")] = None,
-    max_layers: Annotated[int, typer.Option(min=1, max=16)] = DEFAULT_BUDGET.max_layers,
-    max_rank: Annotated[int, typer.Option(min=1, max=256)] = DEFAULT_BUDGET.max_rank,
-    max_relative_norm: Annotated[float, typer.Option(min=0.0001, max=1.0)] = DEFAULT_BUDGET.max_relative_norm,
-    max_seconds: Annotated[float, typer.Option(min=1.0, max=7200.0)] = DEFAULT_BUDGET.max_seconds,
+    # the ranges are the job schema's (hoppatch.spec.Budget), checked when the spec is built
+    max_layers: Annotated[int, typer.Option()] = DEFAULT_BUDGET.max_layers,
+    max_rank: Annotated[int, typer.Option()] = DEFAULT_BUDGET.max_rank,
+    max_relative_norm: Annotated[float, typer.Option()] = DEFAULT_BUDGET.max_relative_norm,
+    max_seconds: Annotated[float, typer.Option()] = DEFAULT_BUDGET.max_seconds,
     preamble_file: Annotated[Path | None, typer.Option(help="Few-shot prefix put before every prompt")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: GPU if present)")] = None,
 ) -> None:

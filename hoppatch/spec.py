@@ -7,8 +7,10 @@ worker decodes them without Litestar. The example format is versioned by `EXAMPL
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -77,18 +79,43 @@ class Budget(Struct, frozen=True, forbid_unknown_fields=True):
 ModelRef = Annotated[str, Meta(min_length=1, max_length=512)]
 
 
+Examples = Annotated[list[TwoHopExample], Meta(min_length=1, max_length=MAX_EXAMPLES)]
+
+
+class ExamplesDocument(Struct, frozen=True, forbid_unknown_fields=True):
+    """The examples as a versioned document, the form an examples file may take."""
+
+    schema: Literal["hoppatch.examples/v1"]
+    examples: Examples
+
+
 class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """An edit job: which model, which examples, what budget."""
 
     model: ModelRef
     """`builtin:gemma-3-270m`, a local model directory, or a hub id already in the local Hugging Face cache."""
-    examples: Annotated[list[TwoHopExample], Meta(min_length=1, max_length=MAX_EXAMPLES)]
+    examples: Examples | ExamplesDocument
+    """A list of examples, or an examples document (`{"schema": "hoppatch.examples/v1", "examples": [...]}`):
+    every form an examples file takes. The decoded spec always holds the list."""
     budget: Budget = Budget()
     layers: Annotated[list[Annotated[int, Meta(ge=0)]], Meta(max_length=16)] | None = None
     """Explicit layers to edit; when absent they are located per job by causal patching."""
     preamble: Annotated[str, Meta(max_length=4 * MAX_PROMPT_CHARS)] = ""
     """A few-shot prefix put before every prompt; base models answer clozes much better with one."""
     metadata: Annotated[dict[str, Annotated[str, Meta(max_length=512)]], Meta(max_length=16)] = {}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.examples, ExamplesDocument):
+            msgspec.structs.force_setattr(self, "examples", self.examples.examples)
+        check_unique_ids(self.examples)
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must not repeat")
+
+
+def check_unique_ids(examples: list[TwoHopExample]) -> None:
+    ids = [e.id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("example ids must be unique")
 
 
 class ExamplesError(ValueError):
@@ -116,9 +143,10 @@ def decode_examples(raw: bytes, source: str = "examples") -> list[TwoHopExample]
         raise ExamplesError(f"{source}: {exc}") from None
     if not examples:
         raise ExamplesError(f"{source}: no examples")
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise ExamplesError(f"{source}: example ids are not unique")
+    try:
+        check_unique_ids(examples)
+    except ValueError as exc:
+        raise ExamplesError(f"{source}: {exc}") from None
     return examples
 
 
@@ -140,3 +168,29 @@ def read_preamble(path: str | Path) -> str:
 
 BUILTIN_MODELS = ("builtin:gemma-3-270m",)
 """Models the workers ship with."""
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+class ModelRefError(ValueError):
+    """A model reference that no worker could load, whatever it has on disk."""
+
+
+def is_local_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ".." in ref.split("/")
+
+
+def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
+    """The rule for model references: a known built-in, a directory under one of `model_roots` (None: any
+    directory), or a hub id (ORG/NAME). Where the model is, and whether it loads, the engine finds out."""
+    if ref.startswith("builtin:"):
+        if ref not in BUILTIN_MODELS:
+            raise ModelRefError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
+        return
+    if is_local_path(ref) or Path(ref).expanduser().is_dir():
+        resolved = Path(ref).expanduser().resolve()
+        if model_roots is not None and not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
+            raise ModelRefError(f"model directory {ref!r} is outside the configured model roots")
+        return
+    if not _HUB_ID.match(ref):
+        raise ModelRefError(f"{ref!r} is not a model reference (builtin:NAME, a directory under a model root, or ORG/NAME)")

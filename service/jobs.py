@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
 from pathlib import Path
 
 import msgspec
@@ -14,11 +12,10 @@ from rq import Queue
 
 from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, job_key, new_job_id, now
 from hoppatch.settings import Settings
-from hoppatch.spec import BUILTIN_MODELS, JobSpec
+from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
 from .problems import IdempotencyConflict, InvalidJob, JobNotFound, NotCancellable
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 LOAD_ALLOWANCE_SECONDS = 600
 """Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model."""
 IDEMPOTENCY_TTL = 24 * 3600
@@ -26,32 +23,15 @@ IDEMPOTENCY_TTL = 24 * 3600
 
 def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
     """Reject at the door what no worker could load: unknown built-ins, paths outside the model roots."""
-    if ref.startswith("builtin:"):
-        if ref not in BUILTIN_MODELS:
-            raise InvalidJob(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}", "/model")
-        return
-    if ref.startswith(("/", ".", "~")) or ".." in ref.split("/"):
-        resolved = Path(ref).expanduser().resolve()
-        if not any(resolved.is_relative_to(root) for root in _resolved(model_roots)):
-            raise InvalidJob(f"model directory {ref!r} is outside the configured model roots", "/model")
-        return
-    if not _HUB_ID.match(ref):
-        raise InvalidJob(f"{ref!r} is not a model reference (builtin:NAME, a directory under a model root, or ORG/NAME)", "/model")
-
-
-@functools.cache
-def _resolved(roots: tuple[Path, ...]) -> tuple[Path, ...]:
-    return tuple(root.resolve() for root in roots)
+    try:
+        check_model_ref(ref, model_roots)
+    except ModelRefError as exc:
+        raise InvalidJob(str(exc), "/model") from None
 
 
 def check_spec(spec: JobSpec, max_examples: int) -> None:
     if len(spec.examples) > max_examples:
         raise InvalidJob(f"{len(spec.examples)} examples; this service takes at most {max_examples} per job", "/examples")
-    if spec.layers is not None and len(set(spec.layers)) != len(spec.layers):
-        raise InvalidJob("layers must not repeat", "/layers")
-    ids = [e.id for e in spec.examples]
-    if len(set(ids)) != len(ids):
-        raise InvalidJob("example ids must be unique", "/examples")
 
 
 async def submit(

@@ -1,5 +1,6 @@
 """What the Dockerfile, compose file, Makefile and README call exists and answers."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -42,3 +43,59 @@ def test_readme_starts_with_the_two_commands():
     makefile = (ROOT / "Makefile").read_text()
     assert "scripts/demo.sh" in makefile and "scripts/test.sh" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, absolute (relative imports resolved against its package)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+    return names
+
+
+def test_layers_import_only_downwards():
+    """The engine imports neither adapter; the base package reaches up only from the CLI's server commands."""
+    for path in (ROOT / "hoppatch").rglob("*.py"):
+        upward = {m for m in _imports(path) if m.split(".")[:2] in (["hoppatch", "service"], ["hoppatch", "workers"])}
+        upward |= {m for m in _imports(path) if m.split(".")[0] in ("service", "workers", "tests", "bench")}
+        if path == ROOT / "hoppatch" / "cli.py":
+            assert upward <= {"hoppatch.service.app", "hoppatch.service.auth", "hoppatch.workers.worker"}, upward
+        else:
+            assert not upward, (path, upward)
+    for path in (ROOT / "bench").rglob("*.py"):
+        assert not {m for m in _imports(path) if m.split(".")[0] == "tests"}, path
+
+
+def test_the_wheel_installs_only_the_hoppatch_package_with_its_public_api(tmp_path):
+    """A wheel built from the repo, in a fresh venv: one top-level package, its data, and the public names."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)], check=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", *map(str, wheels.glob("*.whl"))], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    installed = {p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".pth")) and not p.name.startswith(("_", "pip", "setuptools", "pkg_resources"))}
+    assert installed == {"hoppatch"}
+    assert (site / "hoppatch" / "engine" / "data" / "preserve_prompts.txt").is_file()
+    assert (site / "hoppatch" / "engine" / "data" / "fluency.txt").is_file()
+    # the dependencies come from the test environment's site-packages, placed after the venv's own
+    deps = next(Path(p) for p in sys.path if p.endswith("site-packages"))
+    code = (
+        "import hoppatch, hoppatch.service.app, hoppatch.workers.tasks\n"
+        "from hoppatch import apply_delta, read_delta, Client, JobSpec\n"
+        "import importlib.util as u\n"
+        "assert u.find_spec('service') is None and u.find_spec('workers') is None\n"
+        "print(hoppatch.__file__)"
+    )
+    script = tmp_path / "check.py"
+    script.write_text(f"import sys\nsys.path.append({str(deps)!r})\n" + code)
+    done = subprocess.run([str(venv / "bin" / "python"), str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().startswith(str(site))

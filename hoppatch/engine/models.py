@@ -25,6 +25,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from hoppatch.spec import ModelRefError, check_model_ref, is_local_path
+
 from .errors import ModelNotFound, UnsupportedArchitecture
 from .warm import WarmState
 
@@ -158,15 +160,14 @@ def builtin_model_dir() -> Path:
 
 def resolve_model_path(ref: str, model_roots: list[Path] | None = None) -> str:
     """Map a reference to what `from_pretrained` takes; a directory must sit under `model_roots` when given."""
+    try:
+        check_model_ref(ref, model_roots)
+    except ModelRefError as exc:
+        raise ModelNotFound(str(exc)) from None
     if ref == BUILTIN_GEMMA:
         return str(builtin_model_dir())
-    if ref.startswith("builtin:"):
-        raise ModelNotFound(f"unknown built-in model {ref!r} (known: {BUILTIN_GEMMA})")
-    path = Path(ref).expanduser()
-    if ref.startswith(("/", ".", "~")) or path.is_dir():
-        resolved = path.resolve()
-        if model_roots is not None and not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
-            raise ModelNotFound(f"model directory {ref!r} is outside the configured model roots")
+    if is_local_path(ref) or Path(ref).expanduser().is_dir():
+        resolved = Path(ref).expanduser().resolve()
         if not (resolved / "config.json").is_file():
             raise ModelNotFound(f"{ref!r} is not a model directory (no config.json)")
         return str(resolved)

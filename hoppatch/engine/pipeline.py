@@ -151,17 +151,24 @@ def run_job(
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     config: EditConfig = EditConfig(),
+    fluency: bool = True,
 ) -> JobOutcome:
-    """Diagnose, locate, prepare, edit and evaluate; the model is back to its base weights on return."""
+    """Diagnose, locate, prepare, edit and evaluate; the model is back to its base weights on return.
+
+    `fluency=False` leaves out the fluency text (perplexity and KL drift stay None): for tuning runs, where
+    only the probes are compared.
+    """
     if spec.layers and max(spec.layers) >= lm.num_layers:
         raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
     context = RunContext(spec.budget.max_seconds, should_stop, progress)
     outcome = JobOutcome(spec, [], [], seconds=context.seconds)
     with running(context):
-        return _run_stages(lm, spec, outcome, context, config)
+        return _run_stages(lm, spec, outcome, context, config, fluency)
 
 
-def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunContext, config: EditConfig) -> JobOutcome:
+def _run_stages(
+    lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunContext, config: EditConfig, measure_fluency: bool
+) -> JobOutcome:
     pre = spec.preamble
 
     with run.stage("diagnose", 0.0, f"diagnosing {len(spec.examples)} examples"):
@@ -187,7 +194,7 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunCon
 
     with run.stage("evaluate", 0.35, "scoring the probes before the edit"):
         before = read_probes(lm, probes, pre, lm.warm.readings)
-        fluency = base_fluency(lm)
+        fluency = base_fluency(lm) if measure_fluency else None
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
     snapshot = WeightSnapshot(lm, outcome.layers)
     try:
@@ -211,11 +218,12 @@ def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunCon
             apply_layer_delta(lm, delta)
         with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
             after = read_probes(lm, probes, pre)
-            patched_fluency = read_fluency(lm, fluency)
+            if fluency is not None:
+                patched = read_fluency(lm, fluency)
+                outcome.perplexity_before, outcome.perplexity_after = fluency.perplexity, patched.perplexity
+                outcome.kl_drift = kl_drift(fluency, patched)
     finally:
         snapshot.restore()
-    outcome.perplexity_before, outcome.perplexity_after = fluency.perplexity, patched_fluency.perplexity
-    outcome.kl_drift = kl_drift(fluency, patched_fluency)
     outcome.probes = [ProbeOutcome(p, b, a) for p, b, a in zip(probes, before, after)]
     return outcome
 

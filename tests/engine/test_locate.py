@@ -2,7 +2,9 @@
 
 import torch
 
-from hoppatch.engine.locate import band_windows, locate_layers
+from hoppatch.engine.locate import band_windows, guide_outputs, locate_layers
+from hoppatch.engine.tiny_models import SPECIALS
+from hoppatch.engine.tracing import patched_last_logits
 from hoppatch.engine.lens import logit_lens
 
 from .test_edit import GUIDE, QUERY
@@ -23,12 +25,18 @@ def test_sweep_finds_the_only_layer_whose_attention_matters(tiny):
             tiny.attn_out(layer).weight.data.zero_()
     with torch.no_grad():
         tiny.attn_out_weight(planted).mul_(50.0)
-    result = locate_layers(tiny, [QUERY], [GUIDE], ["Poe"], max_layers=1)
+    # the answer: the word that patching the planted layer with the guide's output raises most
+    guide = guide_outputs(tiny, [GUIDE])[0][planted]
+    base = torch.log_softmax(patched_last_logits(tiny, [QUERY], {}), -1)[0]
+    patched = torch.log_softmax(patched_last_logits(tiny, [QUERY], {planted: (torch.tensor([0]), guide[None])}), -1)[0]
+    gain = patched - base
+    gain[: len(SPECIALS)] = -torch.inf
+    answer = tiny.tokenizer.decode([int(gain.argmax())])
+    result = locate_layers(tiny, [QUERY], [GUIDE], [answer], max_layers=1)
     effects = result.effects[0]
     assert all(abs(e) < 1e-5 for i, e in enumerate(effects) if i != planted)
-    assert abs(effects[planted]) > 1e-3
-    if effects[planted] > 0:
-        assert result.layers == [planted]
+    assert effects[planted] > 1e-3
+    assert result.layers == [planted]
 
 
 def test_band_windows_cover_every_start():

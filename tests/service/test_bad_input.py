@@ -18,6 +18,8 @@ CASES = [
     ("too many examples", "too-many", 422, "/examples"),
     ("budget out of range", job_body(budget={"max_layers": 99}), 400, "/budget/max_layers"),
     ("unknown field", job_body(colour="blue"), 400, None),
+    ("repeated example ids", job_body(examples=job_body()["examples"] * 2), 400, None),
+    ("unknown examples schema", job_body(examples={"schema": "hoppatch.examples/v9", "examples": job_body()["examples"]}), 400, None),
     ("unknown builtin", job_body(model="builtin:gpt-9"), 422, "/model"),
     ("path traversal", job_body(model="../../etc"), 422, "/model"),
     ("absolute path outside roots", job_body(model="/etc"), 422, "/model"),
@@ -29,7 +31,8 @@ CASES = [
 @pytest.mark.parametrize(("name", "body", "status", "pointer"), CASES, ids=[c[0] for c in CASES])
 def test_rejected_with_problem_json(client, key, redis_client, name, body, status, pointer):
     if body == "too-many":
-        body = job_body(examples=job_body()["examples"] * 65)
+        one = job_body()["examples"][0]
+        body = job_body(examples=[{**one, "id": f"case-{i}"} for i in range(65)])
     if body == "huge":
         body = b"x" * (3 * 1024 * 1024)
     before = redis_client.dbsize()

@@ -1,10 +1,12 @@
 """The job API over a real Redis: create, idempotency, paging, tenants, cancel of a queued job."""
 
+import json
+
 from hoppatch.jobs import QUEUE_NAME
 from hoppatch.service import auth
 from hoppatch.service.auth import create_key, revoke_key
 
-from .conftest import job_body
+from .conftest import EXAMPLES_FILE, job_body
 
 
 def _queue_length(redis_client) -> int:
@@ -22,6 +24,15 @@ def test_create_returns_202_location_and_queues(client, key, redis_client):
     assert got["id"] == job["id"]
     events = client.get(job["urls"]["events"], headers={"X-API-Key": key}).json()["data"]
     assert events[0]["type"] == "status" and events[0]["data"]["status"] == "queued"
+
+
+def test_the_examples_file_document_is_accepted_as_it_is(client, key, redis_client):
+    """The README posts examples/gemma-3-270m.json, a hoppatch.examples/v1 document, as `examples`."""
+    document = json.loads(EXAMPLES_FILE.read_text())
+    response = client.post("/v1/jobs", json=job_body(examples=document), headers={"X-API-Key": key})
+    assert response.status_code == 202, response.text
+    assert response.json()["num_examples"] == len(document["examples"])
+    assert _queue_length(redis_client) == 1
 
 
 def test_no_key_or_unknown_key_is_401(client):

@@ -1,0 +1,206 @@
+"""`hoppatch`: edit on one machine, apply a delta, run the API or a worker, submit jobs from CI, manage keys.
+
+This module sits in the base package, yet `serve`, `worker` and `keys` import the service and the worker:
+those commands are the one place where the entry point reaches up to the layers above it.
+Bad input prints one plain line to stderr and exits 2. Heavy imports (torch, Litestar) happen inside the
+command that needs them, so `hoppatch submit` in a CI job stays light.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from hoppatch.spec import Budget
+
+DEFAULT_BUDGET = Budget()
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+keys_app = typer.Typer(no_args_is_help=True, help="Create and revoke API keys (admin).")
+app.add_typer(keys_app, name="keys")
+
+EXIT_USAGE = 2
+"""Bad input: a file, an option or a reference that cannot be used."""
+
+
+def die(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    typer.echo(f"hoppatch: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        layers: set[int] = set()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            layers.update(range(int(lo), int(hi or lo) + 1))
+        return sorted(layers)
+    except ValueError:
+        die(f"--layers {text!r}: expected numbers and ranges like 8,9 or 8-11")
+
+
+@app.command()
+def edit(
+    model: Annotated[str, typer.Option(help="builtin:gemma-3-270m, a model directory, or a cached hub id")],
+    examples: Annotated[Path, typer.Option(help="Examples: a JSON list or JSON Lines (hoppatch.examples/v1)")],
+    out: Annotated[Path, typer.Option(help="Directory for the artifacts; must not exist or be empty")],
+    layers: Annotated[str | None, typer.Option(help="Edit these layers (e.g. 8-11) instead of locating them")] = None,
+    # the ranges are the job schema's (hoppatch.spec.Budget), checked when the spec is built
+    max_layers: Annotated[int, typer.Option()] = DEFAULT_BUDGET.max_layers,
+    max_rank: Annotated[int, typer.Option()] = DEFAULT_BUDGET.max_rank,
+    max_relative_norm: Annotated[float, typer.Option()] = DEFAULT_BUDGET.max_relative_norm,
+    max_seconds: Annotated[float, typer.Option()] = DEFAULT_BUDGET.max_seconds,
+    preamble_file: Annotated[Path | None, typer.Option(help="Few-shot prefix put before every prompt")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: GPU if present)")] = None,
+) -> None:
+    """Diagnose, locate, patch and evaluate on this machine, and write the artifacts to OUT."""
+    import msgspec
+
+    from hoppatch.spec import ExamplesError, JobSpec, read_examples, read_preamble
+
+    try:
+        loaded = read_examples(examples)
+        preamble = read_preamble(preamble_file) if preamble_file else ""
+        spec = msgspec.convert(
+            {
+                "model": model,
+                "examples": msgspec.to_builtins(loaded),
+                "budget": msgspec.to_builtins(Budget(max_layers, max_rank, max_relative_norm, max_seconds)),
+                "layers": _layers(layers),
+                "preamble": preamble,
+            },
+            JobSpec,
+        )
+    except (ExamplesError, msgspec.ValidationError, OSError) as exc:
+        die(str(exc))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        die(f"--out {out}: exists and is not an empty directory")
+    from .local import run_local
+
+    run_local(spec, out, device)
+
+
+@app.command()
+def apply(
+    model: Annotated[str, typer.Option(help="The base model the delta was made for")],
+    delta: Annotated[Path, typer.Option(help="delta.safetensors from a job")],
+    out: Annotated[Path, typer.Option(help="Directory to write the patched model to")],
+) -> None:
+    """Write a patched copy of MODEL; refuses a base whose touched weights do not match the delta."""
+    from hoppatch.engine.delta import apply_delta
+    from hoppatch.engine.errors import EngineError
+    from hoppatch.engine.models import load_model
+
+    if not delta.is_file():
+        die(f"--delta {delta}: no such file")
+    if out.exists() and any(out.iterdir()):
+        die(f"--out {out}: exists and is not empty")
+    try:
+        lm = load_model(model, device="cpu")
+        apply_delta(lm.model, delta)
+    except EngineError as exc:
+        die(str(exc))
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    typer.echo(f"patched model written to {out}")
+
+
+@app.command("import-mquake")
+def import_mquake_cmd(
+    files: Annotated[list[Path], typer.Argument(help="CREME/MQuAKE edit-request files (*.suf.json, *.suf.irre.json)")],
+    out: Annotated[Path, typer.Option(help="Examples file to write")],
+) -> None:
+    """Convert CREME/MQuAKE-derived cases into a hoppatch examples file."""
+    from hoppatch.mquake import import_mquake, write_examples
+
+    try:
+        examples = import_mquake(*files)
+    except (OSError, ValueError, KeyError) as exc:
+        die(f"cannot import: {exc}")
+    write_examples(examples, out)
+    typer.echo(f"{len(examples)} examples written to {out}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Run the HTTP API (Litestar on uvicorn)."""
+    import uvicorn
+
+    from hoppatch.service.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
+    preload: Annotated[str | None, typer.Option(help="Load this model before taking jobs")] = None,
+) -> None:
+    """Run one RQ worker (one per GPU: set CUDA_VISIBLE_DEVICES), keeping models warm."""
+    from hoppatch.settings import Settings
+    from hoppatch.workers.worker import run_worker
+
+    run_worker(Settings(), burst=burst, preload=preload)
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="The tenant this key acts for")]) -> None:
+    """Print a new API key (shown once; only its hash is stored)."""
+    import redis
+
+    from hoppatch.settings import Settings
+    from hoppatch.service.auth import create_key
+
+    typer.echo(create_key(redis.Redis.from_url(Settings().redis_url), tenant))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="The key to revoke")]) -> None:
+    """Revoke an API key."""
+    import redis
+
+    from hoppatch.settings import Settings
+    from hoppatch.service.auth import revoke_key
+
+    if not revoke_key(redis.Redis.from_url(Settings().redis_url), key):
+        die("no such key")
+    typer.echo("revoked")
+
+
+@app.command()
+def submit(
+    server: Annotated[str, typer.Option(help="Base URL of the API, e.g. http://127.0.0.1:8000")],
+    model: Annotated[str, typer.Option()],
+    examples: Annotated[Path, typer.Option()],
+    preamble_file: Annotated[Path | None, typer.Option()] = None,
+    max_layers: Annotated[int | None, typer.Option(min=1, max=16)] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to end, showing progress")] = False,
+    fail_under: Annotated[list[str], typer.Option(help="metric=threshold, e.g. correction=0.9 (implies --wait)")] = [],  # noqa: B006
+    download: Annotated[Path | None, typer.Option(help="Download the artifacts here (implies --wait)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the job summary as JSON")] = False,
+    api_key: Annotated[str | None, typer.Option(envvar="HOPPATCH_API_KEY")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait at most")] = 3600.0,
+) -> None:
+    """Submit a job to a hoppatch server (for CI). Exit codes: 0 ok, 1 job failed or a threshold missed, 2 bad input, 3 server error."""
+    from .client import run_submit
+
+    code = run_submit(
+        server, model, examples, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout
+    )
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="hoppatch")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

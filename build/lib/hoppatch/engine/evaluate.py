@@ -1,0 +1,211 @@
+"""Evaluate a patch: the same queries scored before and after, in one batched pass each.
+
+Query kinds: `correction` (the composed query), `paraphrase`, `generalization` (other two-hop queries through
+the same bridge, their own answers) and `specificity` (unrelated queries). A specificity query succeeds when
+its greedy continuation is unchanged (its first line, up to `CONTINUATION_TOKENS` new tokens); the looser
+`kept_or_right` also accepts the same first few tokens, or the query's own right answer.
+
+Fluency is read on a shipped plain text of about 2,000 tokens: perplexity, and the next-token KL divergence
+of the patched model from the base at every position of it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
+
+import torch
+
+from hoppatch.spec import TwoHopExample
+
+from .answers import answer_variants, greedy_continuations, score_answers
+from .models import LoadedModel
+from .tracing import encode, final_hidden_states
+from .warm import ByteLru
+
+CONTINUATION_TOKENS = 8
+"""New tokens compared for `specificity` (fewer where the first line ends sooner)."""
+KEPT_TOKENS = 4
+"""New tokens that must match for `kept_or_right`."""
+FLUENCY_TOP_TOKENS = 32
+"""KL drift compares the base model's top tokens at each position, with the rest as one outcome."""
+
+
+@cache
+def fluency_text() -> str:
+    """A plain expository text of about 2,000 tokens, written for this purpose."""
+    return files("hoppatch.engine").joinpath("data/fluency.txt").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One query to score: which example and kind it belongs to, and the answers it is judged by."""
+
+    example_id: str
+    kind: str  # correction | paraphrase | generalization | specificity
+    prompt: str
+    answer: str
+    aliases: tuple[str, ...] = ()
+    rival: str | None = None  # the model's pre-patch answer to the query, for the event metric
+
+
+@dataclass(frozen=True)
+class Reading:
+    gives: bool  # gives the probe's answer
+    p_answer: float
+    logp_answer: float
+    continuation: tuple[int, ...] | None = None  # specificity only: greedy first-line tokens
+    text: str | None = None  # specificity only: that continuation, decoded
+    logp_rival: float | None = None  # correction only
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    probe: Probe
+    before: Reading
+    after: Reading
+
+    @property
+    def unchanged(self) -> bool:
+        return self.after.continuation == self.before.continuation
+
+    @property
+    def success(self) -> bool:
+        """Correction, paraphrase, generalization: gives the answer after. Specificity: continuation unchanged."""
+        return self.unchanged if self.probe.kind == "specificity" else self.after.gives
+
+    @property
+    def kept_or_right(self) -> bool:
+        """Specificity, leniently: the first `KEPT_TOKENS` new tokens kept, or the query's right answer given."""
+        before, after = self.before.continuation or (), self.after.continuation or ()
+        return before[:KEPT_TOKENS] == after[:KEPT_TOKENS] or self.after.gives
+
+
+def build_probes(examples: Sequence[TwoHopExample], predictions: dict[str, str]) -> list[Probe]:
+    probes = []
+    for ex in examples:
+        probes.append(Probe(ex.id, "correction", ex.query, ex.answer, tuple(ex.aliases), predictions.get(ex.id)))
+        probes += [Probe(ex.id, "paraphrase", p, ex.answer, tuple(ex.aliases)) for p in ex.paraphrases]
+        probes += [Probe(ex.id, "generalization", q.prompt, q.answer) for q in ex.generalization]
+        probes += [Probe(ex.id, "specificity", q.prompt, q.answer) for q in ex.specificity]
+    return probes
+
+
+def _read(lm: LoadedModel, probes: Sequence[Probe], preamble: str) -> list[Reading]:
+    """One scoring call for all probes (plus a row per correction probe for its rival answer), and one
+    greedy decoding call for the specificity probes."""
+    prompts = [preamble + p.prompt for p in probes]
+    answers = [answer_variants(p.answer, p.aliases) for p in probes]
+    rivals = [i for i, p in enumerate(probes) if p.rival]
+    scores = score_answers(lm, prompts + [prompts[i] for i in rivals], answers + [[probes[i].rival] for i in rivals])
+    rival_logp = {i: s.logp for i, s in zip(rivals, scores[len(probes) :])}
+    specificity = [i for i, p in enumerate(probes) if p.kind == "specificity"]
+    continuations = dict(zip(specificity, greedy_continuations(lm, [prompts[i] for i in specificity], CONTINUATION_TOKENS)))
+    readings = []
+    for i, score in enumerate(scores[: len(probes)]):
+        tokens, text = continuations.get(i, (None, None))
+        readings.append(Reading(score.gives, score.p_first, score.logp, tokens, text, rival_logp.get(i)))
+    return readings
+
+
+def read_probes(lm: LoadedModel, probes: Sequence[Probe], preamble: str, known: ByteLru | None = None) -> list[Reading]:
+    """Readings of the model as it is now. `known` ((preamble, probe) → reading, `WarmState.readings`) holds
+    readings of the same unedited model: they are reused, and new ones are added."""
+    found = {p: known.get((preamble, p)) if known is not None else None for p in probes}
+    todo = [p for p, reading in found.items() if reading is None]
+    if todo:
+        for probe, reading in zip(todo, _read(lm, todo, preamble)):
+            found[probe] = known.put((preamble, probe), reading) if known is not None else reading
+    return [found[p] for p in probes]
+
+
+@dataclass(frozen=True)
+class FluencyReading:
+    """Next-token view of the fluency text: its perplexity, and per position the base model's top tokens
+    with their log-probabilities (the rest summed as one last column)."""
+
+    perplexity: float
+    top_ids: torch.Tensor  # (T, k)
+    logprobs: torch.Tensor  # (T, k + 1)
+
+
+@torch.no_grad()
+def read_fluency(lm: LoadedModel, base: FluencyReading | None = None, chunk: int = 256) -> FluencyReading:
+    """Perplexity of the fluency text; next-token log-probabilities at `base`'s top tokens (or the model's own)."""
+    batch = encode(lm, [fluency_text()])
+    ids = batch.input_ids[0]
+    hidden = final_hidden_states(lm, batch)[0, :-1]  # (T-1, D): predicts ids[1:]
+    nll, tops, columns = 0.0, [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logprobs = torch.log_softmax(lm.logits(hidden[start : start + chunk]).float(), -1)
+        target = ids[start + 1 : start + 1 + logprobs.shape[0]]
+        nll += float(-logprobs.gather(1, target[:, None]).sum())
+        top = logprobs.topk(FLUENCY_TOP_TOKENS, -1).indices if base is None else base.top_ids[start : start + chunk].to(logprobs.device)
+        chosen = logprobs.gather(1, top)
+        rest = torch.log1p(-chosen.exp().sum(-1).clamp(max=1 - 1e-6))
+        tops.append(top.cpu())
+        columns.append(torch.cat([chosen, rest[:, None]], -1).cpu())
+    return FluencyReading(math.exp(nll / hidden.shape[0]), torch.cat(tops), torch.cat(columns))
+
+
+def kl_drift(base: FluencyReading, patched: FluencyReading) -> float:
+    """Mean KL(base ‖ patched) of the next-token distributions over the text, on the base's top tokens + the rest."""
+    p = base.logprobs.double()
+    q = patched.logprobs.double()
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Every rate a job reports, computed in one place from its probe outcomes."""
+
+    correction: float | None
+    paraphrase: float | None
+    generalization: float | None
+    specificity: float | None  # continuation unchanged
+    specificity_kept_or_right: float | None
+    correction_before: float | None
+    paraphrase_before: float | None
+    generalization_before: float | None
+    event_before: float | None
+    event_after: float | None
+
+
+def _fraction(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def rates(outcomes: Sequence[ProbeOutcome]) -> Rates:
+    by_kind: dict[str, list[ProbeOutcome]] = {}
+    for o in outcomes:
+        by_kind.setdefault(o.probe.kind, []).append(o)
+
+    def after(kind: str) -> float | None:
+        return _fraction([o.success for o in by_kind.get(kind, [])])
+
+    def before(kind: str) -> float | None:
+        return _fraction([o.before.gives for o in by_kind.get(kind, [])])
+
+    return Rates(
+        correction=after("correction"),
+        paraphrase=after("paraphrase"),
+        generalization=after("generalization"),
+        specificity=after("specificity"),
+        specificity_kept_or_right=_fraction([o.kept_or_right for o in by_kind.get("specificity", [])]),
+        correction_before=before("correction"),
+        paraphrase_before=before("paraphrase"),
+        generalization_before=before("generalization"),
+        event_before=event_rate(outcomes, "before"),
+        event_after=event_rate(outcomes, "after"),
+    )
+
+
+def event_rate(outcomes: Sequence[ProbeOutcome], when: str) -> float | None:
+    """The paper's event metric on corrections: p(answer) > p(the model's pre-patch answer)."""
+    readings = [getattr(o, when) for o in outcomes if o.probe.kind == "correction" and o.probe.rival]
+    if not readings:
+        return None
+    return sum(r.logp_answer > r.logp_rival for r in readings) / len(readings)

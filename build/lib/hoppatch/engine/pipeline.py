@@ -1,0 +1,257 @@
+"""One edit job, stage by stage: diagnose → locate → prepare → evaluate → edit → calibrate → evaluate.
+
+- diagnose: which examples are compositional failures (only those are patched);
+- locate: the logit lens and the causal sweep, which choose the band of layers;
+- prepare: everything the edit reads besides the examples' own prompts (preserved-key statistics,
+  counterfactual keys, the answers' gradients), timed on its own;
+- edit: the update, solved and applied layer by layer; calibrate: each example's share of it;
+- evaluate: the probes and the fluency text, before and after.
+
+The model is edited in place and its touched weights are restored, bit-identical, before `run_job` returns.
+`patch` is the whole job as a user runs it, publishing included: the CLI and the worker both call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hoppatch.spec import JobSpec, TwoHopExample
+
+from .answers import answer_variants
+from .calibrate import calibrate, scale_examples
+from .context import ProgressFn, RunContext, running
+from .delta import weight_sha256
+from .diagnose import Diagnosis, diagnose
+from .edit import (
+    EditConfig,
+    EditResult,
+    KeyStatistics,
+    WeightSnapshot,
+    apply_layer_delta,
+    creme_edit,
+    key_statistics,
+    last_token_keys,
+)
+from .errors import InvalidJob, NoCompositionFailure
+from .evaluate import FluencyReading, Probe, ProbeOutcome, build_probes, kl_drift, read_fluency, read_probes
+from .lens import LensCurve, first_token, logit_lens
+from .locate import LocateResult, locate_layers
+from .models import LoadedModel, cache_root
+from .tracing import attn_out_gradients
+from .unrelated import COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB, counterfactual_queries, preserve_prompts
+
+
+@dataclass
+class JobOutcome:
+    spec: JobSpec
+    diagnoses: list[Diagnosis]
+    patched: list[TwoHopExample]
+    lens: dict[str, LensCurve] = field(default_factory=dict)
+    located: LocateResult | None = None
+    layers: list[int] = field(default_factory=list)
+    edit: EditResult | None = None
+    probes: list[ProbeOutcome] = field(default_factory=list)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    kl_drift: float | None = None
+    base_hashes: dict[str, str] = field(default_factory=dict)
+    scales: list[float] | None = None  # per patched example, its share of the update after calibration
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EditInputs:
+    """What the edit reads besides the queries and guides: the `prepare` stage's product."""
+
+    preserved: dict[int, KeyStatistics]
+    counterfactual_keys: dict[int, torch.Tensor]
+    answer_gradients: dict[int, torch.Tensor] | None
+
+
+KEY_STATISTICS_FORMAT = "last-token keys + moment after the common prefix, v1"
+"""Part of the statistics' cache key: change it whenever `key_statistics` computes something else."""
+
+
+def preserved_prompts(preamble: str, excluded: set[str]) -> list[str]:
+    """The shipped unrelated prompts behind `preamble`, less any that is one of the job's own prompts."""
+    return [preamble + p for p in preserve_prompts() if p not in excluded]
+
+
+def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int], config: EditConfig) -> dict[int, KeyStatistics]:
+    """Key statistics of `prompts` at `layers`: kept warm on the model, cached on disk.
+
+    One file per layer (a 7B model's all-position moment is 64 MB a layer, so only edited layers are kept),
+    keyed by what the statistics are, every weight up to the layer's projection (through their hashes) and
+    the prompts: a changed definition, model or prompt set never reuses stale statistics.
+    """
+    digest = hashlib.sha256(KEY_STATISTICS_FORMAT.encode())
+    digest.update("\x00".join(prompts).encode())
+    prompts_id = digest.hexdigest()[:32]
+    found: dict[int, KeyStatistics] = {}
+    missing = []
+    for layer in layers:
+        directory = _statistics_dir(lm, layer, prompts_id)
+        stats = lm.warm.key_statistics.get((prompts_id, layer))
+        if stats is None and (directory / "statistics.safetensors").exists():
+            tensors = load_file(str(directory / "statistics.safetensors"), device=str(lm.device))
+            stats = KeyStatistics(tensors["last"], tensors["moment"])
+        if stats is None:
+            missing.append(layer)
+        else:
+            found[layer] = stats
+    for layer, stats in (key_statistics(lm, prompts, missing).items() if missing else ()):
+        directory = _statistics_dir(lm, layer, prompts_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = directory / f".statistics.{os.getpid()}.partial"
+        save_file({"last": stats.last.cpu().contiguous(), "moment": stats.moment.cpu().contiguous()}, str(staging))
+        staging.rename(directory / "statistics.safetensors")
+        found[layer] = stats
+    for layer, stats in found.items():
+        stats.base_factor(config)  # computed before it is sized and kept
+        lm.warm.key_statistics.put((prompts_id, layer), stats)
+    return {layer: found[layer] for layer in layers}
+
+
+def _statistics_dir(lm: LoadedModel, layer: int, prompts_id: str) -> Path:
+    """Statistics at `layer` depend on the weights of the layers below and of the layer itself."""
+    weights = hashlib.sha256()
+    for name, parameter in lm.model.named_parameters():
+        if _below_or_at(lm, name, layer):
+            weights.update(name.encode())
+            weights.update(_parameter_hash(lm, name, parameter).encode())
+    return cache_root() / "preserved-keys" / weights.hexdigest()[:32] / f"layer-{layer}" / prompts_id
+
+
+def _below_or_at(lm: LoadedModel, name: str, layer: int) -> bool:
+    prefix = lm.arch.layers + "."
+    if not name.startswith(prefix):
+        return "embed" in name or "wte" in name or "wpe" in name
+    return int(name[len(prefix) :].split(".")[0]) <= layer
+
+
+def _parameter_hash(lm: LoadedModel, name: str, parameter: torch.Tensor) -> str:
+    known = lm.warm.weight_hashes.get(name)
+    if known is None:
+        known = lm.warm.weight_hashes.setdefault(name, weight_sha256(parameter))
+    return known
+
+
+def run_job(
+    lm: LoadedModel,
+    spec: JobSpec,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    config: EditConfig = EditConfig(),
+) -> JobOutcome:
+    """Diagnose, locate, prepare, edit and evaluate; the model is back to its base weights on return."""
+    if spec.layers and max(spec.layers) >= lm.num_layers:
+        raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
+    context = RunContext(spec.budget.max_seconds, should_stop, progress)
+    outcome = JobOutcome(spec, [], [], seconds=context.seconds)
+    with running(context):
+        return _run_stages(lm, spec, outcome, context, config)
+
+
+def _run_stages(lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunContext, config: EditConfig) -> JobOutcome:
+    pre = spec.preamble
+
+    with run.stage("diagnose", 0.0, f"diagnosing {len(spec.examples)} examples"):
+        outcome.diagnoses = diagnose(lm, spec.examples, pre)
+    outcome.patched = [ex for ex, d in zip(spec.examples, outcome.diagnoses) if d.patchable]
+    if not outcome.patched:
+        counts = dict(Counter(d.verdict.value for d in outcome.diagnoses))
+        raise NoCompositionFailure(f"no example is a compositional failure of {lm.ref}: {counts}")
+    queries = [pre + ex.query for ex in outcome.patched]
+    guides = [pre + ex.hop2.prompt for ex in outcome.patched]
+    answers = [ex.answer for ex in outcome.patched]
+
+    with run.stage("locate", 0.15, f"locating layers for {len(queries)} compositional failures"):
+        curves = logit_lens(lm, queries, [ex.hop1.answer for ex in outcome.patched], answers)
+        outcome.lens = {ex.id: c for ex, c in zip(outcome.patched, curves)}
+        outcome.located = locate_layers(lm, queries, guides, answers, spec.budget.max_layers)
+        outcome.layers = sorted(spec.layers) if spec.layers else outcome.located.layers
+
+    predictions = {d.example_id: d.prediction for d in outcome.diagnoses if d.patchable}
+    probes = build_probes(outcome.patched, predictions)
+    with run.stage("prepare", 0.25, "reading what the edit must leave alone"):
+        inputs = prepare_edit(lm, spec, outcome.patched, probes, outcome.layers, config)
+
+    with run.stage("evaluate", 0.35, "scoring the probes before the edit"):
+        before = read_probes(lm, probes, pre, lm.warm.readings)
+        fluency = base_fluency(lm)
+    outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
+    snapshot = WeightSnapshot(lm, outcome.layers)
+    try:
+        with run.stage("edit", 0.5, f"editing layers {outcome.layers}"):
+            outcome.edit = creme_edit(
+                lm, queries, guides, outcome.layers,
+                max_rank=spec.budget.max_rank,
+                max_relative_norm=spec.budget.max_relative_norm,
+                preserved=inputs.preserved,
+                counterfactual_keys=inputs.counterfactual_keys,
+                answer_gradients=inputs.answer_gradients,
+                config=config,
+            )
+        snapshot.restore()
+        if all(d.rank == len(queries) for d in outcome.edit.deltas):  # one column per example: not compressed
+            with run.stage("calibrate", 0.6, "scaling each example's share to the least that corrects it"):
+                variants = [answer_variants(ex.answer, ex.aliases) for ex in outcome.patched]
+                outcome.scales = calibrate(lm, outcome.edit.deltas, queries, variants, config.calibration_steps)
+                outcome.edit.deltas = scale_examples(outcome.edit.deltas, outcome.scales)
+        for delta in outcome.edit.deltas:
+            apply_layer_delta(lm, delta)
+        with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
+            after = read_probes(lm, probes, pre)
+            patched_fluency = read_fluency(lm, fluency)
+    finally:
+        snapshot.restore()
+    outcome.perplexity_before, outcome.perplexity_after = fluency.perplexity, patched_fluency.perplexity
+    outcome.kl_drift = kl_drift(fluency, patched_fluency)
+    outcome.probes = [ProbeOutcome(p, b, a) for p, b, a in zip(probes, before, after)]
+    return outcome
+
+
+def prepare_edit(
+    lm: LoadedModel, spec: JobSpec, patched: Sequence[TwoHopExample], probes: Sequence[Probe], layers: Sequence[int], config: EditConfig
+) -> EditInputs:
+    """Preserved-prompt statistics and counterfactual keys at `layers`, never from the job's own probe
+    prompts, and the answers' gradients there."""
+    pre = spec.preamble
+    excluded = {p.prompt for p in probes} | {prompt for ex in patched for prompt in (ex.query, ex.hop1.prompt, ex.hop2.prompt)}
+    preserved = preserved_statistics(lm, preserved_prompts(pre, excluded), layers, config)
+    each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(patched)))
+    counterfactuals = [pre + c for ex in patched for c in counterfactual_queries(ex, each) if c not in excluded]
+    counterfactual_keys = last_token_keys(lm, counterfactuals, layers, known=lm.warm.counterfactual_keys)
+    # which way each query's answer moves at the edited layers: read on the unedited model, like the sweep
+    gradients = None
+    if config.off_answer_weight < 1:
+        targets = [first_token(lm, ex.answer) for ex in patched]
+        gradients = attn_out_gradients(lm, [pre + ex.query for ex in patched], targets, layers)
+    return EditInputs(preserved, counterfactual_keys, gradients)
+
+
+def base_fluency(lm: LoadedModel) -> FluencyReading:
+    """The unedited model's fluency reading, kept warm (every job restores the base weights)."""
+    if lm.warm.fluency is None:
+        lm.warm.fluency = read_fluency(lm)
+    return lm.warm.fluency
+
+
+def patch(lm: LoadedModel, spec: JobSpec, out_dir: Path, *, progress: ProgressFn | None = None,
+          should_stop: Callable[[], bool] | None = None) -> tuple[JobOutcome, dict]:
+    """The whole job as a user runs it: `run_job`, then `publish` into `out_dir`. Returns the outcome and metrics."""
+    from .publish import publish
+
+    outcome = run_job(lm, spec, progress=progress, should_stop=should_stop)
+    if progress:
+        progress("publish", 0.8, "writing artifacts")
+    return outcome, publish(outcome, lm, out_dir)

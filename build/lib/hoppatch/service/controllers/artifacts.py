@@ -1,0 +1,63 @@
+"""Artifacts of a succeeded job: the list, and each file streamed with its sha256 as ETag."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from litestar import Controller, Request, Response, get
+from litestar.datastructures import ETag
+from litestar.di import Provide
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import File
+
+from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.jobs import JobStore
+
+from .. import jobs
+from ..deps import provide_artifacts, provide_store
+from ..problems import ArtifactNotFound
+from ..schemas import ArtifactList
+from .jobs import COMMON, problems
+
+
+class ArtifactController(Controller):
+    path = "/v1/jobs/{job_id:str}/artifacts"
+    tags = ["artifacts"]
+    dependencies = {
+        "store": Provide(provide_store, sync_to_thread=False),
+        "artifacts": Provide(provide_artifacts, sync_to_thread=False),
+    }
+
+    @get("/", operation_id="ListArtifacts", sync_to_thread=True, responses=problems(*COMMON, 404))
+    def list_artifacts(self, request: Request, store: JobStore, job_id: str) -> ArtifactList:
+        """What the job published (empty until it has succeeded)."""
+        record = jobs.get_job(store, request.user, job_id)
+        return ArtifactList(record.result.artifacts if record.result else [])
+
+    @get(
+        "/{name:path}",
+        operation_id="GetArtifact",
+        sync_to_thread=True,
+        responses={**problems(*COMMON, 404), 304: ResponseSpec(None, description="Not modified: the ETag matches")},
+        response_description="The artifact's bytes",
+    )
+    def get_artifact(
+        self,
+        request: Request,
+        store: JobStore,
+        artifacts: LocalArtifactStore,
+        job_id: str,
+        name: str,
+        if_none_match: Annotated[str | None, Parameter(header="If-None-Match", max_length=256)] = None,
+    ) -> Response | File:
+        """Download one artifact; `If-None-Match` with its sha256 answers 304."""
+        record = jobs.get_job(store, request.user, job_id)
+        name = name.lstrip("/")
+        info = next((a for a in (record.result.artifacts if record.result else []) if a.name == name), None)
+        path = artifacts.path(job_id, name) if info else None
+        if info is None or path is None:
+            raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
+        if if_none_match and info.sha256 in {t.strip().strip('"').removeprefix("W/").strip('"') for t in if_none_match.split(",")}:
+            return Response(content=b"", status_code=304, headers={"ETag": f'"{info.sha256}"'})
+        return File(path, filename=name.rsplit("/", 1)[-1], media_type=info.media_type, etag=ETag(value=info.sha256))

@@ -1,0 +1,31 @@
+"""Liveness and readiness, open without a key."""
+
+from __future__ import annotations
+
+import redis
+from litestar import Controller, Request, Response, get
+from litestar.openapi import ResponseSpec
+from rq import Worker
+
+from ..schemas import Health
+
+
+class HealthController(Controller):
+    tags = ["health"]
+
+    @get("/healthz", operation_id="Health", sync_to_thread=False)
+    def healthz(self) -> Health:
+        """The API process is up."""
+        return Health("ok")
+
+    @get("/readyz", operation_id="Ready", sync_to_thread=True, responses={503: ResponseSpec(Health, description="Not ready")})
+    def readyz(self, request: Request) -> Response[Health]:
+        """Redis answers and at least one worker is alive (503 otherwise)."""
+        state = request.app.state
+        try:
+            state.redis.ping()
+            workers = Worker.count(connection=state.redis, queue=state.queue)
+        except redis.RedisError:
+            return Response(Health("unavailable", redis=False, workers=0), status_code=503)
+        ready = workers > 0
+        return Response(Health("ok" if ready else "no-workers", redis=True, workers=workers), status_code=200 if ready else 503)

@@ -1,0 +1,145 @@
+"""Jobs: create, list, read, cancel, events (list and SSE stream), metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.di import Provide
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+from rq import Queue
+
+from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.jobs import JobStatus, JobStore, events_key
+from hoppatch.settings import Settings
+from hoppatch.spec import JobSpec
+
+from .. import jobs
+from ..metrics import JOBS_SUBMITTED
+from ..deps import provide_artifacts, provide_queue, provide_settings, provide_store
+from ..problems import PROBLEM_JSON, ArtifactNotFound
+from ..schemas import Event, EventList, Job, JobPage, Problem
+
+STREAM_LIFETIME_SECONDS = 3600
+"""An SSE stream ends after this long; the client resumes with Last-Event-ID."""
+
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    return {s: ResponseSpec(Problem, description="Problem details (RFC 9457)", media_type=PROBLEM_JSON) for s in statuses}
+
+
+COMMON = (400, 401)
+
+
+class JobController(Controller):
+    path = "/v1/jobs"
+    tags = ["jobs"]
+    dependencies = {
+        "store": Provide(provide_store, sync_to_thread=False),
+        "queue": Provide(provide_queue, sync_to_thread=False),
+        "artifacts": Provide(provide_artifacts, sync_to_thread=False),
+        "settings": Provide(provide_settings, sync_to_thread=False),
+    }
+
+    @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 404, 413, 422))
+    async def create_job(
+        self,
+        request: Request,
+        data: JobSpec,
+        store: JobStore,
+        queue: Queue,
+        settings: Settings,
+        idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
+    ) -> Response[Job]:
+        """Queue a patch job; 202 with the job and its Location."""
+        record, created = await jobs.submit(store, request.app.state.aredis, queue, request.user, data, idempotency_key, settings)
+        if created:
+            JOBS_SUBMITTED.labels(record.model).inc()
+        return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
+
+    @get("/", operation_id="ListJobs", sync_to_thread=True, responses=problems(*COMMON))
+    def list_jobs(
+        self,
+        request: Request,
+        store: JobStore,
+        status: JobStatus | None = None,
+        cursor: Annotated[str | None, Parameter(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None,
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    ) -> JobPage:
+        """Jobs of this tenant, newest first; pass `next_cursor` back as `cursor` for the next page."""
+        records = store.list_jobs(request.user, status, float(cursor) if cursor else None, limit + 1)
+        page = records[:limit]
+        more = len(records) > limit
+        next_cursor = repr(page[-1].created_at.timestamp()) if more and page else None
+        return JobPage([Job.of(r) for r in page], more, next_cursor)
+
+    @get("/{job_id:str}", operation_id="GetJob", sync_to_thread=True, responses=problems(*COMMON, 404))
+    def get_job(self, request: Request, store: JobStore, job_id: str) -> Job:
+        """One job."""
+        return Job.of(jobs.get_job(store, request.user, job_id))
+
+    @post("/{job_id:str}/cancel", operation_id="CancelJob", status_code=200, sync_to_thread=True, responses=problems(*COMMON, 404, 409))
+    def cancel_job(self, request: Request, store: JobStore, queue: Queue, job_id: str) -> Job:
+        """Cancel: a queued job at once, a running one at the worker's next step (status `cancelling`)."""
+        return Job.of(jobs.cancel(store, queue, request.user, job_id))
+
+    @get("/{job_id:str}/events", operation_id="ListJobEvents", sync_to_thread=True, responses=problems(*COMMON, 404))
+    def list_events(
+        self,
+        request: Request,
+        store: JobStore,
+        job_id: str,
+        after: Annotated[str | None, Parameter(max_length=64, pattern=r"^[0-9]+-[0-9]+$")] = None,
+    ) -> EventList:
+        """The job's status and progress events, oldest first."""
+        jobs.get_job(store, request.user, job_id)
+        return EventList([Event(i, t, d) for i, t, d in store.events(job_id, after or "-")])
+
+    @get("/{job_id:str}/events/stream", operation_id="StreamJobEvents", responses=problems(*COMMON, 404))
+    async def stream_events(
+        self,
+        request: Request,
+        store: JobStore,
+        job_id: str,
+        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", max_length=64)] = None,
+    ) -> ServerSentEvent:
+        """Server-sent events; ends after the terminal status. Resumes after `Last-Event-ID`."""
+        record = await asyncio.to_thread(jobs.get_job, store, request.user, job_id)
+        aredis = request.app.state.aredis
+        start = last_event_id if last_event_id and "-" in last_event_id else "0-0"
+        return ServerSentEvent(_event_stream(aredis, job_id, start, record.status.terminal))
+
+    @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404))
+    def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: LocalArtifactStore) -> Response[dict[str, Any]]:
+        """The job's metrics.json (404 until it has succeeded)."""
+        jobs.get_job(store, request.user, job_id)
+        path = artifacts.path(job_id, "metrics.json")
+        if path is None:
+            raise ArtifactNotFound(f"job {job_id} has no metrics yet")
+        return Response(json.loads(path.read_bytes()), media_type="application/json")
+
+
+async def _event_stream(aredis, job_id: str, start: str, ended: bool) -> AsyncIterator[ServerSentEventMessage]:
+    last = start
+    deadline = time.monotonic() + STREAM_LIFETIME_SECONDS
+    while time.monotonic() < deadline:
+        rows = await aredis.xread({events_key(job_id): last}, block=15000, count=100)
+        if not rows:
+            yield ServerSentEventMessage(comment="keep-alive")
+            if ended:
+                return
+            continue
+        for event_id, fields in rows[0][1]:
+            last = event_id.decode()
+            data = json.loads(fields[b"data"])
+            kind = fields[b"type"].decode()
+            yield ServerSentEventMessage(data=json.dumps(data), event=kind, id=last)
+            if kind == "status" and JobStatus(data["status"]).terminal:
+                yield ServerSentEventMessage(data="{}", event="done")
+                return

@@ -1,0 +1,26 @@
+"""Dependencies, provided on the app: the job store, the queue, the artifact store, the settings."""
+
+from __future__ import annotations
+
+from litestar.datastructures import State
+from rq import Queue
+
+from hoppatch.jobs import JobStore
+from hoppatch.settings import Settings
+from hoppatch.artifacts import LocalArtifactStore
+
+
+def provide_store(state: State) -> JobStore:
+    return state.store
+
+
+def provide_queue(state: State) -> Queue:
+    return state.queue
+
+
+def provide_artifacts(state: State) -> LocalArtifactStore:
+    return state.artifacts
+
+
+def provide_settings(state: State) -> Settings:
+    return state.settings

@@ -1,0 +1,118 @@
+"""Every 4xx/5xx as RFC 9457 application/problem+json. The only map from error to `type`, `title`, `status`."""
+
+from __future__ import annotations
+
+import re
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from .schemas import Problem, ProblemError
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://hoppatch.dev/problems/"
+
+
+class ServiceError(Exception):
+    """A domain fact the API reports; subclasses fix `status`, `slug` and `title`."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, pointer: str | None = None):
+        super().__init__(detail)
+        self.detail = detail
+        self.pointer = pointer
+
+
+class InvalidJob(ServiceError):
+    """The job body is well-formed JSON but not an acceptable job (unknown model, path outside roots…)."""
+
+    status, slug, title = 422, "invalid-job", "The job cannot be accepted"
+
+
+class IdempotencyConflict(ServiceError):
+    """The Idempotency-Key was used before with another body."""
+
+    status, slug, title = 422, "idempotency-key-reused", "Idempotency-Key reused with a different body"
+
+
+class JobNotFound(ServiceError):
+    """No such job for this tenant (another tenant's job is not found either)."""
+
+    status, slug, title = 404, "job-not-found", "Job not found"
+
+
+class ArtifactNotFound(ServiceError):
+    status, slug, title = 404, "artifact-not-found", "Artifact not found"
+
+
+class NotCancellable(ServiceError):
+    """The job already ended."""
+
+    status, slug, title = 409, "job-not-cancellable", "The job has already finished"
+
+
+class Unauthorized(ServiceError):
+    status, slug, title = 401, "unauthorized", "A valid API key is required"
+
+
+_HTTP_SLUGS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "A valid API key is required"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("body-too-large", "Request body too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    429: ("too-many-requests", "Too many requests"),
+}
+
+_PATH = re.compile(r"at `\$(?P<path>[^`]*)`")
+
+
+def json_pointer(msgspec_path: str) -> str:
+    """`$.budget.max_layers` / `$.examples[0].id` → `/budget/max_layers` / `/examples/0/id`."""
+    parts = re.findall(r"\.([^.\[]+)|\[(\d+)\]", msgspec_path)
+    return "".join("/" + (name or index) for name, index in parts) or ""
+
+
+def problem_response(status: int, slug: str, title: str, detail: str, instance: str, errors: list[ProblemError] | None = None) -> Response:
+    body = Problem(type=TYPE_BASE + slug, title=title, status=status, detail=detail, instance=instance, errors=errors)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def service_error_handler(request: Request, exc: ServiceError) -> Response:
+    errors = [ProblemError(exc.pointer, exc.detail)] if exc.pointer is not None else None
+    return problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, errors)
+
+
+def validation_handler(request: Request, exc: ValidationException) -> Response:
+    errors = []
+    for item in exc.extra if isinstance(exc.extra, list) else []:
+        message = str(item.get("message", "")) if isinstance(item, dict) else str(item)
+        match = _PATH.search(message)
+        pointer = json_pointer(match["path"]) if match else None
+        if pointer is None and isinstance(item, dict) and item.get("key"):
+            pointer = "/" + str(item["key"]).replace(".", "/")
+        errors.append(ProblemError(pointer, _PATH.sub("", message).rstrip(" -")))
+    detail = errors[0].detail if errors else str(exc.detail)
+    return problem_response(400, "validation-error", "The request is not valid", detail, request.url.path, errors or None)
+
+
+def http_error_handler(request: Request, exc: HTTPException) -> Response:
+    slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
+    return problem_response(exc.status_code, slug, title, str(exc.detail), request.url.path)
+
+
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    return problem_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal server error", type(exc).__name__, request.url.path)
+
+
+EXCEPTION_HANDLERS = {
+    ServiceError: service_error_handler,
+    ValidationException: validation_handler,
+    HTTPException: http_error_handler,
+    HTTP_500_INTERNAL_SERVER_ERROR: internal_error_handler,
+}

@@ -1,0 +1,38 @@
+"""Configuration from environment variables, read once per process. The README lists them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = field(default_factory=lambda: _env("HOPPATCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    """Redis shared by the API and every worker."""
+    artifact_dir: Path = field(default_factory=lambda: Path(_env("HOPPATCH_ARTIFACT_DIR", "./.hoppatch/artifacts")))
+    """Root of the local artifact store; the API and the workers must both see it."""
+    auth: bool = field(default_factory=lambda: _env("HOPPATCH_AUTH", "on") != "off")
+    """API keys required; `HOPPATCH_AUTH=off` switches them off for local use, and the API says so at start."""
+    model_roots: tuple[Path, ...] = field(
+        default_factory=lambda: tuple(Path(p) for p in _env("HOPPATCH_MODEL_ROOTS", "").split(os.pathsep) if p)
+    )
+    """Directories under which local models may be named; empty: no local directories at all."""
+    retention_seconds: int = field(default_factory=lambda: int(_env("HOPPATCH_RETENTION_SECONDS", str(7 * 24 * 3600))))
+    """How long a finished job's record and events are kept."""
+    heartbeat_timeout: float = field(default_factory=lambda: float(_env("HOPPATCH_HEARTBEAT_TIMEOUT", "30")))
+    """A running job whose worker has not heartbeated for this long is failed with `worker_lost`."""
+    max_examples: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_EXAMPLES", "64")))
+    """Most examples one API job may carry."""
+    max_body_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_BODY_BYTES", str(2 * 1024 * 1024))))
+    model_cache_size: int = field(default_factory=lambda: int(_env("HOPPATCH_MODEL_CACHE_SIZE", "1")))
+    """Models each worker keeps warm."""
+    worker_metrics_port: int = field(default_factory=lambda: int(_env("HOPPATCH_WORKER_METRICS_PORT", "9101")))
+    """Port of a worker's Prometheus endpoint; 0 switches it off."""
+    device: str | None = field(default_factory=lambda: os.environ.get("HOPPATCH_DEVICE") or None)
+    """`cpu`, `cuda`, `cuda:1`…; default: the GPU when there is one."""

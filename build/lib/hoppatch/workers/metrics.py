@@ -1,0 +1,15 @@
+"""The worker's Prometheus metrics, served by each worker process on its own port."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+JOBS = Counter("hoppatch_worker_jobs_total", "Jobs finished by this worker, by outcome.", ["outcome"])
+JOB_SECONDS = Histogram("hoppatch_worker_job_seconds", "Wall time of a whole job, model load included.", buckets=STAGE_BUCKETS)
+STAGE_SECONDS = Histogram("hoppatch_worker_stage_seconds", "Wall time per job stage.", ["stage"], buckets=STAGE_BUCKETS)
+EXAMPLES_PATCHED = Counter("hoppatch_worker_examples_patched_total", "Compositional failures patched.")
+EDIT_SECONDS = Counter("hoppatch_worker_edit_seconds_total", "Seconds spent in the edit stage (throughput = patched / this).")
+MODEL_CACHE = Counter("hoppatch_worker_model_cache_total", "Model cache lookups, by result.", ["result"])
+MODEL_LOAD_SECONDS = Histogram("hoppatch_worker_model_load_seconds", "Time to load a model into the cache.", buckets=STAGE_BUCKETS)
+MODELS_WARM = Gauge("hoppatch_worker_models_warm", "Models held in this worker's cache.")
+BUSY = Gauge("hoppatch_worker_busy", "1 while this worker runs a job.")

@@ -1,0 +1,140 @@
+"""`hoppatch submit` against a live API and worker: every exit code a CI pipeline gates on.
+
+The model is a tiny random LLaMA under the model roots; its example is built from its own greedy answers,
+so that it is a compositional failure of that model and the job runs every stage in seconds.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hoppatch.engine.answers import greedy_answers
+from hoppatch.engine.tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+HOPPATCH = [sys.executable, "-m", "hoppatch.cli"]
+HOP1, HOP2 = "The creator of C. Auguste Dupin is", "The nationality of Edgar Allan Poe is"
+QUERY = "The nationality of the creator of C. Auguste Dupin is"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_case(tmp_path_factory):
+    """A tiny model saved under a model root, and an example file it fails compositionally."""
+    root = tmp_path_factory.mktemp("models")
+    for seed in range(50):  # the first seed whose model answers the hops one way and the query another
+        lm = tiny_model("llama", seed=seed)
+        hop1, hop2, query = greedy_answers(lm, [HOP1, HOP2, QUERY], max_new_tokens=1)
+        if query != hop2:
+            break
+    else:
+        pytest.fail("no tiny model fails the composed query")
+    lm.model.save_pretrained(root / "tiny")
+    lm.tokenizer.save_pretrained(root / "tiny")
+    example = {"id": "tiny", "query": QUERY, "answer": hop2, "hop1": {"prompt": HOP1, "answer": hop1}, "hop2": {"prompt": HOP2, "answer": hop2}}
+    examples = root / "examples.json"
+    examples.write_text(json.dumps([example]))
+    return root, examples
+
+
+@pytest.fixture(scope="module")
+def live(redis_url, tiny_case, tmp_path_factory):
+    """`hoppatch serve` and `hoppatch worker` as processes, on the test Redis."""
+    root, _ = tiny_case
+    work = tmp_path_factory.mktemp("live")
+    env = {
+        **os.environ, "HOPPATCH_REDIS_URL": redis_url, "HOPPATCH_AUTH": "off", "HOPPATCH_MODEL_ROOTS": str(root),
+        "HOPPATCH_ARTIFACT_DIR": str(work / "artifacts"), "HOPPATCH_WORKER_METRICS_PORT": "0", "HOPPATCH_CACHE": str(work / "cache"),
+    }
+    port = _free_port()
+    logs = (work / "api.log").open("wb"), (work / "worker.log").open("wb")
+    api = subprocess.Popen([*HOPPATCH, "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)
+    worker = subprocess.Popen([*HOPPATCH, "worker"], env=env, cwd=ROOT, stdout=logs[1], stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"API or worker did not come up: {(work / 'worker.log').read_text()[-2000:]}")
+    yield url, env
+    for proc in (api, worker):
+        proc.terminate()
+        proc.wait(30)
+
+
+def _submit(url: str, examples: Path, *options: str, model: str | None = None, env=None) -> subprocess.CompletedProcess:
+    args = ["submit", "--server", url, "--model", model or str(examples.parent / "tiny"), "--examples", str(examples), *options]
+    return subprocess.run([*HOPPATCH, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def test_a_job_that_ran_and_meets_its_thresholds_exits_0_and_downloads_verified_artifacts(live, tiny_case, tmp_path):
+    url, env = live
+    _, examples = tiny_case
+    done = _submit(url, examples, "--wait", "--fail-under", "correction=0", "--download", str(tmp_path / "a"), "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout[done.stdout.index("{") :])
+    assert result["status"] == "succeeded" and result["summary"]["patched"] == 1
+    assert (tmp_path / "a" / "delta.safetensors").is_file() and (tmp_path / "a" / "metrics.json").is_file()
+    # stderr is not a terminal here: progress comes as plain lines, not a bar
+    assert "\r" not in done.stderr and "succeeded" in done.stderr
+
+
+def test_a_missed_threshold_exits_1_and_says_which(live, tiny_case):
+    url, env = live
+    _, examples = tiny_case
+    done = _submit(url, examples, "--fail-under", "correction=1.01", env=env)
+    assert done.returncode == 1
+    assert "patch does not hold: correction_rate=" in done.stderr
+
+
+def test_a_failed_job_exits_1_with_its_error_code(live, tiny_case, tmp_path):
+    url, env = live
+    root, examples = tiny_case
+    (root / "not-a-model").mkdir(exist_ok=True)
+    done = _submit(url, examples, "--wait", model=str(root / "not-a-model"), env=env)
+    assert done.returncode == 1
+    assert "failed: model_not_found" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "model", "message"),
+    [
+        (["--fail-under", "beauty=0.5"], None, "--fail-under 'beauty=0.5'"),
+        ([], "/etc", "outside the configured model roots"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(live, tiny_case, options, model, message):
+    url, env = live
+    _, examples = tiny_case
+    done = _submit(url, examples, *options, model=model, env=env)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_examples_file_exits_2(tiny_case, tmp_path):
+    done = _submit("http://127.0.0.1:9", tmp_path / "missing.json")
+    assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_an_unreachable_server_exits_3(tiny_case):
+    _, examples = tiny_case
+    done = _submit(f"http://127.0.0.1:{_free_port()}", examples)
+    assert done.returncode == 3 and "cannot reach the server" in done.stderr
