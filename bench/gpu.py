@@ -1,6 +1,8 @@
 """GPU benchmark: a LLaMA-2-7B-shaped and a Gemma-3-270M-shaped model with random bf16 weights (no
-download): the whole job's stages (diagnose, locate, edit, evaluate with ~10 probes) and the edit alone,
-for the engine and the authors' recipe, timed with CUDA synchronisation.
+download): the whole job's stages (diagnose, locate, prepare, edit, calibrate, evaluate with ~10 probes)
+and the edit with every input it reads (the shipped preserved prompts, the counterfactual keys and the
+answer's gradients of a new example, calibration), for the engine and the authors' recipe, timed with
+CUDA synchronisation.
 
     .venv/bin/python bench/gpu.py            # on a GPU: the real shapes
     .venv/bin/python bench/gpu.py --small    # anywhere: small shapes on the CPU (its own smoke test)
@@ -19,18 +21,17 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.authors_recipe import authors_edit  # noqa: E402
-from hoppatch.spec import Hop, LabeledQuery, TwoHopExample  # noqa: E402
+from hoppatch.spec import Hop, JobSpec, LabeledQuery, TwoHopExample  # noqa: E402
 from hoppatch.engine.tiny_models import tiny_tokenizer  # noqa: E402
 from hoppatch.engine.diagnose import diagnose  # noqa: E402
 from hoppatch.engine.answers import answer_variants  # noqa: E402
 from hoppatch.engine.calibrate import calibrate  # noqa: E402
-from hoppatch.engine.edit import WeightSnapshot, creme_edit, key_statistics, last_token_keys  # noqa: E402
-from hoppatch.engine.evaluate import build_probes, read_after, read_before  # noqa: E402
+from hoppatch.engine.context import RunContext, running  # noqa: E402
+from hoppatch.engine.edit import EditConfig, WeightSnapshot, creme_edit  # noqa: E402
+from hoppatch.engine.evaluate import build_probes, read_probes  # noqa: E402
 from hoppatch.engine.locate import locate_layers  # noqa: E402
-from hoppatch.engine.lens import first_token  # noqa: E402
 from hoppatch.engine.models import wrap_model  # noqa: E402
-from hoppatch.engine.unrelated import counterfactual_queries  # noqa: E402
-from hoppatch.engine.tracing import attn_out_gradients  # noqa: E402
+from hoppatch.engine.pipeline import prepare_edit  # noqa: E402
 
 SHAPES = {
     "llama-2-7b": dict(kind="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, band=list(range(17, 24))),
@@ -82,31 +83,32 @@ def timed(fn, device: torch.device, repeats: int = 3, total=lambda result: None)
 def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype) -> dict:
     lm = build(shape, device, dtype)
     band = shape["band"]
+    config = EditConfig()
+    spec = JobSpec(model="random", examples=[EXAMPLE])
     query, guide = EXAMPLE.query, EXAMPLE.hop2.prompt
-    preserved = key_statistics(lm, [s.prompt for s in EXAMPLE.specificity] * 8, band)
     snapshot = WeightSnapshot(lm, band)
     probes = build_probes([EXAMPLE], {})
-    counterfactuals = counterfactual_queries(EXAMPLE)  # as a job reads them
-    counterfactual_keys = last_token_keys(lm, counterfactuals, band)
+    answers = [answer_variants(EXAMPLE.answer, EXAMPLE.aliases)]
+    # the shipped preserved prompts' statistics are per model and kept warm: computed once, as a warm worker has them
+    prepare_edit(lm, spec, [EXAMPLE], probes, band, config)
 
-    def answer_gradients():
-        return attn_out_gradients(lm, [query], [first_token(lm, EXAMPLE.answer)], band)
-
-    gradients = answer_gradients()
-
-    def edit(keys, gradients):
-        return creme_edit(
-            lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=preserved, counterfactual_keys=keys, answer_gradients=gradients
+    def edit_with_inputs():
+        """What a job with a new example spends on its patch: prepare (counterfactual keys and answer
+        gradients read anew, the warm statistics reused), the edit, and calibration."""
+        lm.warm.counterfactual_keys.clear()
+        inputs = prepare_edit(lm, spec, [EXAMPLE], probes, band, config)
+        result = creme_edit(
+            lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=inputs.preserved,
+            counterfactual_keys=inputs.counterfactual_keys, answer_gradients=inputs.answer_gradients, config=config,
         )
-
-    def engine_edit():
-        result = edit(counterfactual_keys, gradients)
         snapshot.restore()
+        calibrate(lm, result.deltas, [query], answers, config.calibration_steps)
         return result
 
     # a job of 8 examples solves one rank-8 update per layer in the same single pass
     queries8 = [query, guide, *(q.prompt for q in EXAMPLE.specificity)]
     guides8 = [*(q.prompt for q in EXAMPLE.specificity), query, guide]
+    preserved = prepare_edit(lm, spec, [EXAMPLE], probes, band, config).preserved
 
     def engine_edit_8():
         result = creme_edit(lm, queries8, guides8, band, max_rank=8, max_relative_norm=1.0, preserved=preserved)
@@ -118,36 +120,39 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
         snapshot.restore()
 
     passes, pass_counts = [0], {}
-    lm.before_pass = lambda: passes.__setitem__(0, passes[0] + 1)  # every forward pass calls it
 
     def whole_job():
-        stages, values = {}, {}
-        counts = {}
-        answers = [answer_variants(EXAMPLE.answer, EXAMPLE.aliases)]
+        """Every stage of a job with a new example, its forward passes counted."""
+        lm.warm.clear()  # a new example; the preserved statistics come back from the disk cache
+        stages, values, counts = {}, {}, {}
         for stage, fn in (
             ("diagnose", lambda: diagnose(lm, [EXAMPLE])),
-            ("locate", lambda: (locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band)), answer_gradients())),  # as a job does
-            ("evaluate_before", lambda: read_before(lm, probes, "")),
-            ("edit", lambda: edit(last_token_keys(lm, counterfactuals, band), values["locate"][1])),  # a new example's keys are read too
-            ("calibrate", lambda: calibrate(lm, values["edit"].deltas, snapshot, [query], answers)),
-            ("evaluate_after", lambda: read_after(lm, probes, values["evaluate_before"], "")),
+            ("locate", lambda: locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band))),
+            ("prepare", lambda: prepare_edit(lm, spec, [EXAMPLE], probes, band, config)),
+            ("evaluate_before", lambda: read_probes(lm, probes, "", lm.warm.readings)),
+            ("edit", lambda: creme_edit(
+                lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=values["prepare"].preserved,
+                counterfactual_keys=values["prepare"].counterfactual_keys, answer_gradients=values["prepare"].answer_gradients,
+            )),
+            ("calibrate", lambda: (snapshot.restore(), calibrate(lm, values["edit"].deltas, [query], answers, config.calibration_steps))),
+            ("evaluate_after", lambda: read_probes(lm, probes, "")),
         ):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
             before = passes[0]
-            values[stage] = fn()
+            with running(RunContext(max_seconds=3600, should_stop=lambda: passes.__setitem__(0, passes[0] + 1))):
+                values[stage] = fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             stages[stage] = time.perf_counter() - started
             counts[stage] = passes[0] - before
         pass_counts.update(counts)
         snapshot.restore()
-        lm.memo.clear()  # the next run reads the base model again, as a fresh job would
         return stages
 
     before = {layer: lm.attn_out_weight(layer).clone() for layer in band}
-    engine_s, _ = timed(engine_edit, device)
+    engine_s, _ = timed(edit_with_inputs, device)
     authors_s, _ = timed(authors, device)
     engine_8_s, _ = timed(engine_edit_8, device)
     job_s, stages = timed(lambda: whole_job(), device, repeats=2, total=lambda stages: sum(stages.values()))
@@ -165,11 +170,10 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
         "peak_gpu_memory_gib": peak_gib,
         "layers": band,
     }
-    print(f"{name:<14} edit engine {engine_s * 1000:8.1f} ms   authors {authors_s * 1000:8.1f} ms   ({row['speedup']:.1f}x)   whole job {job_s * 1000:8.1f} ms")
+    print(f"{name:<14} edit with inputs, engine {engine_s * 1000:8.1f} ms   authors {authors_s * 1000:8.1f} ms   ({row['speedup']:.1f}x)   whole job {job_s * 1000:8.1f} ms")
     print(" " * 15 + f"edit of 8 examples at once (engine) {engine_8_s * 1000:.1f} ms")
     print(" " * 15 + "   ".join(f"{stage} {seconds * 1000:.1f} ms ({pass_counts[stage]} passes)" for stage, seconds in stages.items()))
     print(" " * 15 + f"base weights restored bit-identical: {restored}" + (f"   peak GPU memory {peak_gib:.1f} GiB" if peak_gib else ""))
-    del lm
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -22,7 +22,7 @@ _EXPORTS = {
     "Budget": "hoppatch.spec",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["Budget", "Client", "JobSpec", "TwoHopExample", "__version__", "apply_delta", "read_delta"]
 
 if TYPE_CHECKING:
     from hoppatch.client import Client

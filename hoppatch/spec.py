@@ -166,7 +166,7 @@ def read_preamble(path: str | Path) -> str:
     return text + "\n" if text else ""
 
 
-BUILTIN_MODELS = ("builtin:gemma-3-270m",)
+BUILTIN_MODELS = ("builtin:gemma-3-270m", "builtin:smollm2-135m")
 """Models the workers ship with."""
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

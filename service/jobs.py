@@ -14,7 +14,7 @@ from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key,
 from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
-from .problems import IdempotencyConflict, InvalidJob, JobNotFound, NotCancellable
+from .problems import IdempotencyConflict, JobRejected, JobNotFound, NotCancellable
 
 LOAD_ALLOWANCE_SECONDS = 600
 """Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model."""
@@ -26,12 +26,12 @@ def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
     try:
         check_model_ref(ref, model_roots)
     except ModelRefError as exc:
-        raise InvalidJob(str(exc), "/model") from None
+        raise JobRejected(str(exc), "/model") from None
 
 
 def check_spec(spec: JobSpec, max_examples: int) -> None:
     if len(spec.examples) > max_examples:
-        raise InvalidJob(f"{len(spec.examples)} examples; this service takes at most {max_examples} per job", "/examples")
+        raise JobRejected(f"{len(spec.examples)} examples; this service takes at most {max_examples} per job", "/examples")
 
 
 async def submit(

@@ -27,7 +27,7 @@ class ServiceError(Exception):
         self.pointer = pointer
 
 
-class InvalidJob(ServiceError):
+class JobRejected(ServiceError):
     """The job body is well-formed JSON but not an acceptable job (unknown model, path outside roots…)."""
 
     status, slug, title = 422, "invalid-job", "The job cannot be accepted"

@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -8,6 +9,13 @@ import pytest
 import redis
 
 from hoppatch.engine.tiny_models import FAMILIES, tiny_model
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(params=FAMILIES)

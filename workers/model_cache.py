@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from hoppatch.engine.models import LoadedModel, load_model
+from hoppatch.engine.models import LoadedModel, load_model, resolve_model_path
 from .metrics import MODEL_CACHE, MODEL_LOAD_SECONDS, MODELS_WARM
 
 
@@ -32,6 +32,7 @@ class ModelCache:
             self._models.move_to_end(ref)
             return self._models[ref]
         MODEL_CACHE.labels("miss").inc()
+        resolve_model_path(ref, self.model_roots)  # a model that cannot be found fails before anything is evicted
         while len(self._models) >= self.capacity:
             self._models.popitem(last=False)
             gc.collect()

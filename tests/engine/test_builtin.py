@@ -19,7 +19,7 @@ from hoppatch.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
 from hoppatch.engine.pipeline import run_job
 from hoppatch.engine.publish import ARTIFACTS, publish
 from hoppatch.engine.context import RunContext, running
-from hoppatch.engine.tracing import encode, forward, greedy_tokens
+from hoppatch.engine.tracing import encode, forward, greedy_tokens, position_ids
 
 pytestmark = pytest.mark.builtin
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ def test_artifacts_round_trip(gemma, published):
     assert all(torch.equal(v, gemma.model.state_dict()[k]) for k, v in base.items())
     adapter = PeftModel.from_pretrained(gemma.model, str(out / "adapter"))
     batch = encode(gemma, queries[:1])
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(batch.attention_mask)
     with torch.no_grad():
         adapter_logits = adapter(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, logits_to_keep=1).logits
     assert (adapter_logits - patched_logits).abs().max().item() <= 1e-3

@@ -10,7 +10,7 @@ from hoppatch.engine.adapter import save_adapter
 from hoppatch.engine.delta import apply_delta, read_delta, save_delta, weight_sha256
 from hoppatch.engine.edit import WeightSnapshot, creme_edit
 from hoppatch.engine.errors import DeltaMismatch
-from hoppatch.engine.tracing import encode, forward
+from hoppatch.engine.tracing import encode, position_ids
 
 from .test_edit import GUIDE, QUERY, UNRELATED
 
@@ -19,7 +19,7 @@ LAYERS = [1, 2]
 
 def _logits(lm, model=None):
     batch = encode(lm, [QUERY, *UNRELATED])
-    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(batch.attention_mask)
     with torch.no_grad():
         return (model or lm.model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
 

@@ -133,3 +133,24 @@ def test_no_shipped_preserve_prompt_is_a_prompt_of_the_shipped_examples():
         for ex in read_examples(path):
             prompts = {ex.query, ex.hop1.prompt, ex.hop2.prompt, *ex.paraphrases, *(q.prompt for q in ex.generalization), *(q.prompt for q in ex.specificity)}
             assert not {p.lower() for p in prompts} & shipped, path
+
+
+def test_preserved_statistics_are_cached_on_disk_keyed_by_the_weights_below(tiny, tmp_path, monkeypatch):
+    from hoppatch.engine.pipeline import preserved_statistics
+
+    monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
+    prompts, config = list(preserve_prompts()[:12]), EditConfig()
+    first = preserved_statistics(tiny, prompts, [1, 2], config)
+    files = sorted(tmp_path.rglob("statistics.safetensors"))
+    assert len(files) == 2
+    tiny.warm.clear()
+    again = preserved_statistics(tiny, prompts, [1, 2], config)  # read back from disk
+    torch.testing.assert_close(again[2].moment, first[2].moment)
+    assert sorted(tmp_path.rglob("statistics.safetensors")) == files
+    with torch.no_grad():
+        tiny.layers[2].get_submodule(tiny.arch.attn_out).weight.mul_(2.0)  # layer 2's projection: not below layer 1
+        tiny.layers[0].get_submodule(tiny.arch.attn_out).weight.mul_(2.0)  # below both
+    tiny.warm.clear()
+    changed = preserved_statistics(tiny, prompts, [1, 2], config)
+    assert len(list(tmp_path.rglob("statistics.safetensors"))) == 4  # both layers depend on layer 0
+    assert not torch.allclose(changed[1].moment, first[1].moment)

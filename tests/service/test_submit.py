@@ -16,19 +16,12 @@ import pytest
 
 from hoppatch.engine.answers import greedy_answers
 from hoppatch.engine.tiny_models import tiny_model
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 HOPPATCH = [sys.executable, "-m", "hoppatch.cli"]
 HOP1, HOP2 = "The creator of C. Auguste Dupin is", "The nationality of Edgar Allan Poe is"
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +52,7 @@ def live(redis_url, tiny_case, tmp_path_factory):
         **os.environ, "HOPPATCH_REDIS_URL": redis_url, "HOPPATCH_AUTH": "off", "HOPPATCH_MODEL_ROOTS": str(root),
         "HOPPATCH_ARTIFACT_DIR": str(work / "artifacts"), "HOPPATCH_WORKER_METRICS_PORT": "0", "HOPPATCH_CACHE": str(work / "cache"),
     }
-    port = _free_port()
+    port = free_port()
     logs = (work / "api.log").open("wb"), (work / "worker.log").open("wb")
     api = subprocess.Popen([*HOPPATCH, "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)
     worker = subprocess.Popen([*HOPPATCH, "worker"], env=env, cwd=ROOT, stdout=logs[1], stderr=subprocess.STDOUT)
@@ -136,5 +129,5 @@ def test_a_missing_examples_file_exits_2(tiny_case, tmp_path):
 
 def test_an_unreachable_server_exits_3(tiny_case):
     _, examples = tiny_case
-    done = _submit(f"http://127.0.0.1:{_free_port()}", examples)
+    done = _submit(f"http://127.0.0.1:{free_port()}", examples)
     assert done.returncode == 3 and "cannot reach the server" in done.stderr

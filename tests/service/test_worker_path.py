@@ -7,7 +7,6 @@ a worker killed with SIGKILL mid-job leaves the job failed with `worker_lost`, a
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from litestar.testing import TestClient
 from hoppatch.settings import Settings
 from hoppatch.service.app import create_app
 
+from tests.conftest import free_port
+
 from .conftest import job_body, shipped_examples
 
 pytestmark = pytest.mark.builtin
@@ -27,15 +28,9 @@ PREAMBLE = (Path(__file__).resolve().parents[2] / "examples" / "preamble.txt").r
 HEARTBEAT_TIMEOUT = 6.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WorkerProcess:
     def __init__(self, settings: Settings, log: Path):
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         env = {
             **os.environ,
             "HOPPATCH_REDIS_URL": settings.redis_url,

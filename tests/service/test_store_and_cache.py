@@ -1,0 +1,87 @@
+"""JobStore on its own over a real Redis, and the worker's ModelCache over real (tiny) model directories."""
+
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from hoppatch.engine.errors import ModelNotFound
+from hoppatch.engine.tiny_models import tiny_model
+from hoppatch.jobs import JobError, JobRecord, JobStatus, JobStore, new_job_id
+from hoppatch.spec import Budget
+from hoppatch.workers.model_cache import ModelCache
+
+
+def _create(store: JobStore, tenant: str = "team-a") -> JobRecord:
+    record = JobRecord(
+        id=new_job_id(), tenant=tenant, status=JobStatus.QUEUED, model="m", num_examples=1, budget=Budget(),
+        created_at=datetime.now(UTC), metadata={},
+    )
+    with store.redis.pipeline() as pipe:
+        store.create(record, b"{}", pipe)
+        pipe.execute()
+    return record
+
+
+def test_terminal_states_never_change_and_every_transition_is_an_event(redis_client):
+    store = JobStore(redis_client, retention_seconds=60)
+    job = _create(store)
+    assert store.transition(job.id, JobStatus.RUNNING, {JobStatus.QUEUED}).status is JobStatus.RUNNING
+    store.set_progress(job.id, "edit", 0.5, "editing")
+    done = store.transition(job.id, JobStatus.SUCCEEDED, {JobStatus.RUNNING})
+    assert done.status is JobStatus.SUCCEEDED and done.progress.stage == "edit"
+    assert store.transition(job.id, JobStatus.FAILED, {JobStatus.RUNNING}) is None
+    store.set_progress(job.id, "late", 0.9, "after the end")  # ignored on an ended job
+    assert store.get(job.id).status is JobStatus.SUCCEEDED and store.get(job.id).progress.stage == "edit"
+    kinds = [(kind, data.get("status") or data.get("stage")) for _, kind, data in store.events(job.id)]
+    assert kinds == [("status", "queued"), ("status", "running"), ("progress", "edit"), ("status", "succeeded")]
+    assert 0 < redis_client.ttl(f"hoppatch:job:{job.id}") <= 60
+    assert store.status_counts() == {"queued": 0, "running": 0, "succeeded": 1}
+
+
+def test_a_running_job_without_a_heartbeat_is_reaped_as_worker_lost(redis_client):
+    store = JobStore(redis_client)
+    alive, dead = _create(store), _create(store)
+    for job in (alive, dead):
+        store.heartbeat(job.id, timeout=30)
+        store.transition(job.id, JobStatus.RUNNING, {JobStatus.QUEUED})
+    store.heartbeat(dead.id, timeout=0.05)
+    time.sleep(0.2)
+    assert store.reap_lost() == [dead.id]
+    lost = store.get(dead.id)
+    assert lost.status is JobStatus.FAILED and lost.error == JobError("worker_lost", lost.error.message)
+    assert store.get(alive.id).status is JobStatus.RUNNING
+    assert store.reap_lost() == []
+
+
+def test_jobs_are_listed_per_tenant_newest_first(redis_client):
+    store = JobStore(redis_client)
+    mine = [_create(store, "team-a") for _ in range(3)]
+    _create(store, "team-b")
+    listed = store.list_jobs("team-a", None, None, limit=10)
+    assert [r.id for r in listed] == [r.id for r in reversed(mine)]
+    assert store.list_jobs("team-a", JobStatus.RUNNING, None, limit=10) == []
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for family in ("llama", "gpt2"):
+        lm = tiny_model(family)
+        lm.model.save_pretrained(root / family)
+        lm.tokenizer.save_pretrained(root / family)
+    return root
+
+
+def test_model_cache_keeps_the_most_recent_models_and_fails_unknown_ones_before_evicting(model_dirs):
+    cache = ModelCache(capacity=1, model_roots=[model_dirs], device="cpu")
+    llama = cache.get(str(model_dirs / "llama"))
+    assert cache.get(str(model_dirs / "llama")) is llama  # warm: the same object
+    with pytest.raises(ModelNotFound):
+        cache.get(str(model_dirs / "missing"))
+    assert str(model_dirs / "llama") in cache  # the failed load evicted nothing
+    gpt2 = cache.get(str(model_dirs / "gpt2"))
+    assert gpt2.model.config.model_type == "gpt2"
+    assert str(model_dirs / "llama") not in cache and str(model_dirs / "gpt2") in cache
+    with pytest.raises(ModelNotFound, match="outside the configured model roots"):
+        cache.get("/etc")
