@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from hoppatch.mquake import example_id, import_mquake  # noqa: E402
 from hoppatch.spec import MAX_QUERIES, Hop, LabeledQuery, TwoHopExample, read_preamble  # noqa: E402
 
+DATA = ROOT.parent / "shared" / "data" / "mquake-2hop"
 ONE_SHOT = "Q: Who is the prime minister of Canada?\nA: Justin Trudeau\nQ: {}\nA:"
 """The `*.suf` files' question format."""
 
@@ -119,7 +120,7 @@ def write(path: Path, examples: list[TwoHopExample]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:gemma-3-270m")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mquake-2hop")
+    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--preamble-file", default=str(ROOT / "examples" / "preamble.txt"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()

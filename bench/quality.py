@@ -29,7 +29,7 @@ from hoppatch.engine.edit import EditConfig, WeightSnapshot  # noqa: E402
 from hoppatch.engine.evaluate import ProbeOutcome, build_probes, kl_drift, rates, read_fluency, read_probes  # noqa: E402
 from hoppatch.engine.models import LoadedModel, load_model  # noqa: E402
 from hoppatch.engine.pipeline import base_fluency, run_job  # noqa: E402
-from hoppatch.spec import JobSpec, TwoHopExample, read_examples, read_preamble  # noqa: E402
+from hoppatch.spec import Budget, JobSpec, TwoHopExample, read_examples, read_preamble  # noqa: E402
 
 COLUMNS = ("correction", "paraphrase", "generalization", "specificity", "specificity_kept_or_right")
 
@@ -58,12 +58,13 @@ def jobs_of(examples: list[TwoHopExample], shape: str) -> list[list[TwoHopExampl
 
 
 def engine_row(
-    lm: LoadedModel, examples: list[TwoHopExample], preamble: str, shape: str, config: EditConfig, model: str, fluency: bool
+    lm: LoadedModel, examples: list[TwoHopExample], preamble: str, shape: str, config: EditConfig, model: str, fluency: bool,
+    budget: Budget = Budget(),
 ) -> Row:
     probes: list[ProbeOutcome] = []
     ppl, kl, seconds, dropped = [], [], 0.0, 0
     for job in jobs_of(examples, shape):
-        outcome = run_job(lm, JobSpec(model=model, examples=job, preamble=preamble), config=config, fluency=fluency)
+        outcome = run_job(lm, JobSpec(model=model, examples=job, preamble=preamble, budget=budget), config=config, fluency=fluency)
         probes += outcome.probes
         if fluency:
             ppl.append(outcome.perplexity_after / outcome.perplexity_before - 1)
@@ -130,16 +131,21 @@ def print_table(split: str, rows: list[Row]) -> None:
         )
 
 
-def parse_config(items: list[str]) -> EditConfig:
-    config = EditConfig()
+def parse_config(items: list[str]) -> tuple[EditConfig, Budget]:
+    """EditConfig overrides (FIELD=VALUE, a tuple as comma-separated numbers), and `max_layers=N` for the budget."""
+    config, budget = EditConfig(), Budget()
     types = {f.name: f.type for f in fields(EditConfig)}
     for item in items:
         name, _, value = item.partition("=")
+        if name == "max_layers":
+            budget = Budget(max_layers=int(value))
+            continue
         if name not in types:
             raise SystemExit(f"--set {item}: no EditConfig field {name!r}")
-        parsed = tuple(float(v) for v in value.split(",")) if "tuple" in str(types[name]) else float(value)
+        kind = str(types[name])
+        parsed = tuple(float(v) for v in value.split(",")) if "tuple" in kind else int(value) if kind == "int" else float(value)
         config = replace(config, **{name: parsed})
-    return config
+    return config, budget
 
 
 def main() -> None:
@@ -149,7 +155,7 @@ def main() -> None:
     parser.add_argument("--shape", action="append", choices=("all", "10"), help="job shapes (default: both)")
     parser.add_argument("--authors", action="store_true", help="also run the authors' recipe")
     parser.add_argument("--no-engine", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an EditConfig override")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an EditConfig override, or max_layers=N")
     parser.add_argument(
         "--try", dest="tries", action="append", default=[], metavar="'FIELD=VALUE ...'",
         help="another config to run in the same process (warm readings shared); repeatable",
@@ -172,8 +178,8 @@ def main() -> None:
     for shape in args.shape or ["all", "10"]:
         if args.authors:
             rows.append(authors_row(lm, examples, preamble, shape, AUTHORS_BANDS[args.model]))
-        for label, config in configs.items() if not args.no_engine else ():
-            row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency)
+        for label, (config, budget) in configs.items() if not args.no_engine else ():
+            row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency, budget)
             row.method = f"engine ({label})" if len(configs) > 1 else "engine"
             rows.append(row)
             print_table(args.split, [row])

@@ -1,6 +1,12 @@
 import os
 import shutil
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
 import subprocess
 import tempfile
 import time
@@ -9,6 +15,40 @@ import pytest
 import redis
 
 from hoppatch.engine.tiny_models import FAMILIES, tiny_model
+
+
+@contextmanager
+def live_service(env: dict[str, str], work: Path, worker_args: tuple[str, ...] = (), timeout: float = 300) -> Iterator[str]:
+    """`hoppatch serve` and one `hoppatch worker` as processes; yields the API's URL once /readyz says 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "hoppatch.cli"]
+    root = Path(__file__).resolve().parents[1]
+    logs = (work / "api.log").open("wb"), (work / "worker.log").open("wb")
+    procs = [
+        subprocess.Popen([*command, "serve", "--port", str(port)], env=env, cwd=root, stdout=logs[0], stderr=subprocess.STDOUT),
+        subprocess.Popen([*command, "worker", *worker_args], env=env, cwd=root, stdout=logs[1], stderr=subprocess.STDOUT),
+    ]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while not _ready(url):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the API or the worker did not come up: {(work / 'worker.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+        for log in logs:
+            log.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def free_port() -> int:

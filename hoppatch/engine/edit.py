@@ -51,6 +51,10 @@ class EditConfig:
     ridge: float = 0.003
     """Identity added to the metric, relative to its mean eigenvalue; keeps it invertible. Small, so the
     preserved and counterfactual keys decide the update's direction."""
+    counterfactuals_per_example: int = 48
+    """Counterfactual queries preserved per patched example (half with its subject swapped, half its first hop)."""
+    counterfactuals_per_job: int = 1024
+    """At most this many in all: their keys enter every layer's solve, so a job of many examples takes fewer each."""
     counterfactual_weight: float = 3.0
     """Scale of the counterfactual keys (the query's template, other subjects); their moment weighs its square."""
     all_positions_weight: float = 1.0

@@ -46,7 +46,7 @@ from .lens import LensCurve, first_token, logit_lens
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
 from .tracing import attn_out_gradients
-from .unrelated import COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB, counterfactual_queries, preserve_prompts
+from .unrelated import counterfactual_queries, preserve_prompts
 
 
 @dataclass
@@ -236,7 +236,7 @@ def prepare_edit(
     pre = spec.preamble
     excluded = {p.prompt for p in probes} | {prompt for ex in patched for prompt in (ex.query, ex.hop1.prompt, ex.hop2.prompt)}
     preserved = preserved_statistics(lm, preserved_prompts(pre, excluded), layers, config)
-    each = max(4, min(COUNTERFACTUALS_PER_EXAMPLE, COUNTERFACTUALS_PER_JOB // len(patched)))
+    each = max(4, min(config.counterfactuals_per_example, config.counterfactuals_per_job // len(patched)))
     counterfactuals = [pre + c for ex in patched for c in counterfactual_queries(ex, each) if c not in excluded]
     counterfactual_keys = last_token_keys(lm, counterfactuals, layers, known=lm.warm.counterfactual_keys)
     # which way each query's answer moves at the edited layers: read on the unedited model, like the sweep

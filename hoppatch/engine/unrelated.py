@@ -17,9 +17,7 @@ from importlib.resources import files
 from hoppatch.spec import TwoHopExample
 
 COUNTERFACTUALS_PER_EXAMPLE = 48
-"""Counterfactual queries preserved per patched example (bench/README.md has the measurement that chose it)."""
-COUNTERFACTUALS_PER_JOB = 1024
-"""At most this many in all: their keys enter every layer's solve, so a job of many examples takes fewer each."""
+"""Counterfactual queries made per example, at most (bench/README.md has the measurement that chose it)."""
 
 _NAME_JOINERS = frozenset({"of", "the", "de", "van", "von", "la", "le", "du", "del", "da", "and", "&", "bin", "al", "y"})
 """Lower-case words that may sit inside a name ("Francis de Sales", "Brienne of Tarth")."""

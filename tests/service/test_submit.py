@@ -8,15 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from hoppatch.engine.answers import greedy_answers
 from hoppatch.engine.tiny_models import tiny_model
-from tests.conftest import free_port
+from tests.conftest import free_port, live_service
 
 ROOT = Path(__file__).resolve().parents[2]
 HOPPATCH = [sys.executable, "-m", "hoppatch.cli"]
@@ -52,25 +50,8 @@ def live(redis_url, tiny_case, tmp_path_factory):
         **os.environ, "HOPPATCH_REDIS_URL": redis_url, "HOPPATCH_AUTH": "off", "HOPPATCH_MODEL_ROOTS": str(root),
         "HOPPATCH_ARTIFACT_DIR": str(work / "artifacts"), "HOPPATCH_WORKER_METRICS_PORT": "0", "HOPPATCH_CACHE": str(work / "cache"),
     }
-    port = free_port()
-    logs = (work / "api.log").open("wb"), (work / "worker.log").open("wb")
-    api = subprocess.Popen([*HOPPATCH, "serve", "--port", str(port)], env=env, cwd=ROOT, stdout=logs[0], stderr=subprocess.STDOUT)
-    worker = subprocess.Popen([*HOPPATCH, "worker"], env=env, cwd=ROOT, stdout=logs[1], stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    else:
-        pytest.fail(f"API or worker did not come up: {(work / 'worker.log').read_text()[-2000:]}")
-    yield url, env
-    for proc in (api, worker):
-        proc.terminate()
-        proc.wait(30)
+    with live_service(env, work, timeout=120) as url:
+        yield url, env
 
 
 def _submit(url: str, examples: Path, *options: str, model: str | None = None, env=None) -> subprocess.CompletedProcess:

@@ -1,1 +1,0 @@
-"""The worker: adapts the RQ queue to the editing engine (`hoppatch.engine`): model cache, heartbeats, progress, artifacts."""
