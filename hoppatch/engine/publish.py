@@ -131,7 +131,7 @@ def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
         report.mkdir()
         effects = outcome.located.effects if outcome.located else []
         for i, ex in enumerate(outcome.patched):
-            plot_example(report / f"{ex.id}.png", ex.query, outcome.lens[ex.id], effects[i] if effects else [], outcome.layers)
+            plot_example(report / f"example-{ex.id}.png", ex.query, outcome.lens[ex.id], effects[i] if effects else [], outcome.layers)
         plot_summary(report / "summary.png", rates(outcome.probes))
         outcome.seconds["publish"] = time.perf_counter() - started
         document = metrics(outcome)

@@ -22,7 +22,7 @@ def plot_example(path: Path, title: str, lens, effects: list[float], layers: lis
     ax_sweep.bar(range(len(effects)), effects, color=["tab:red" if l in layers else "tab:gray" for l in range(len(effects))])
     ax_sweep.axhline(0, color="black", linewidth=0.8)
     ax_sweep.set(xlabel="layer", ylabel="Δ log p(answer)", title="causal patching of attention output (edited in red)")
-    fig.suptitle(title[:110], fontsize=9)
+    fig.suptitle(title[:110].replace("$", r"\$"), fontsize=9)  # a user's text, never mathtext
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

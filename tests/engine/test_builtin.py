@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 from peft import PeftModel
@@ -132,6 +133,10 @@ def test_cli_edit_writes_the_artifacts(tmp_path):
                 "--preamble-file", str(ROOT / "examples" / "preamble.txt"), "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-2])["correction_rate"] == 1.0
+    # stderr is not a terminal here: one plain line per stage, no bar
+    lines = done.stderr.splitlines()
+    assert any("diagnosing 3 examples" in line for line in lines) and any("editing layers" in line for line in lines)
+    assert "\r" not in done.stderr
     assert all((out / name).is_file() for name in ARTIFACTS)
 
 
@@ -152,3 +157,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_longer_answer_is_not_given_by_its_first_words_unless_aliased(gemma):
+    prompt = PREAMBLE + "The capital of France is"
+    [plain, aliased] = score_answers(gemma, [prompt, prompt], [answer_variants("Paris Saint-Germain"), answer_variants("Paris Saint-Germain", ["Paris"])])
+    assert not plain.gives
+    assert aliased.gives and aliased.matched == "Paris"
+
+
+def test_the_jobs_own_prompts_are_left_out_of_the_preserved_keys(gemma):
+    from hoppatch.engine.edit import EditConfig
+    from hoppatch.engine.evaluate import build_probes
+    from hoppatch.engine.pipeline import prepare_edit
+    from hoppatch.engine.unrelated import preserve_prompts
+    from hoppatch.spec import LabeledQuery
+
+    shipped = preserve_prompts()
+    example = msgspec.structs.replace(EXAMPLES[0], specificity=[LabeledQuery(shipped[3], "x")])
+    spec = JobSpec(model=BUILTIN_GEMMA, examples=[example], preamble=PREAMBLE)
+    inputs = prepare_edit(gemma, spec, [example], build_probes([example], {}), [9], EditConfig())
+    assert inputs.preserved[9].last.shape[0] == len(shipped) - 1
+
+
+def test_the_second_built_in_family_loads_and_fails_its_shipped_examples_compositionally():
+    from hoppatch.engine.models import BUILTIN_SMOLLM
+
+    smollm = load_model(BUILTIN_SMOLLM, device="cpu")
+    assert smollm.model.config.model_type == "llama" and smollm.num_layers == 30
+    examples = read_examples(ROOT / "examples" / "smollm2-135m.json")
+    verdicts = [d.verdict for d in diagnose(smollm, examples, PREAMBLE)]
+    assert verdicts == [Verdict.COMPOSITIONAL_FAILURE] * len(examples)

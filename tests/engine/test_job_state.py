@@ -154,3 +154,12 @@ def test_preserved_statistics_are_cached_on_disk_keyed_by_the_weights_below(tiny
     changed = preserved_statistics(tiny, prompts, [1, 2], config)
     assert len(list(tmp_path.rglob("statistics.safetensors"))) == 4  # both layers depend on layer 0
     assert not torch.allclose(changed[1].moment, first[1].moment)
+
+
+def test_report_titles_render_a_query_literally(tmp_path):
+    from hoppatch.engine.lens import LensCurve
+    from hoppatch.engine.report import plot_example
+
+    curve = LensCurve([0.1, 0.2], [3, 2], [0.1, 0.3], [4, 1])
+    plot_example(tmp_path / "plot.png", r"The price of $\foo$ is", curve, [0.1, 0.2], [1])  # as mathtext: an unknown symbol
+    assert (tmp_path / "plot.png").stat().st_size > 1000
