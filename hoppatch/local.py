@@ -33,9 +33,9 @@ def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
             if not interactive:
                 _plain_progress(stage, fraction, message)
 
-        progress("load", 0.0, f"loading {spec.model}")
         try:
-            lm = load_model(spec.model, device=device)
+            lm = load_model(spec.model, device=device)  # bad input fails here, before any progress line
+            progress("load", 0.0, f"loaded {spec.model} in {lm.load_seconds:.1f} s")
             _, document = patch(lm, spec, out, progress=progress)
         except (ModelNotFound, UnsupportedArchitecture, InvalidJob) as exc:
             typer.echo(f"hoppatch: {exc}", err=True)

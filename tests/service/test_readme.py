@@ -29,10 +29,17 @@ def readme_block(after: str) -> str:
 
 
 def commands(block: str) -> list[str]:
-    """Shell commands of a block, continuation lines joined and comments dropped."""
+    """Shell commands of a block: continuation lines and lines inside an open quote joined, comments dropped."""
     joined = re.sub(r"\\\n\s*", " ", block)
-    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in joined.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    found, pending = [], ""
+    for line in joined.splitlines():
+        pending = f"{pending}\n{line}" if pending else line
+        if len(re.findall(r'(?<!\\)"', pending)) % 2 == 0 and pending.count("'") % 2 == 0:
+            command = re.sub(r"\s+#[^\"']*$", "", pending).strip()
+            if command and not command.startswith("#"):
+                found.append(command)
+            pending = ""
+    return found
 
 
 @pytest.fixture(scope="module")
