@@ -90,17 +90,19 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     probes = build_probes([EXAMPLE], {})
     answers = [answer_variants(EXAMPLE.answer, EXAMPLE.aliases)]
     # the shipped preserved prompts' statistics are per model and kept warm: computed once, as a warm worker has them
-    prepare_edit(lm, spec, [EXAMPLE], probes, band, config)
+    preserved = prepare_edit(lm, spec, [EXAMPLE], probes, band, config).preserved
+
+    def edit(inputs):
+        return creme_edit(
+            lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=inputs.preserved,
+            counterfactual_keys=inputs.counterfactual_keys, answer_gradients=inputs.answer_gradients, config=config,
+        )
 
     def edit_with_inputs():
         """What a job with a new example spends on its patch: prepare (counterfactual keys and answer
         gradients read anew, the warm statistics reused), the edit, and calibration."""
         lm.warm.counterfactual_keys.clear()
-        inputs = prepare_edit(lm, spec, [EXAMPLE], probes, band, config)
-        result = creme_edit(
-            lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=inputs.preserved,
-            counterfactual_keys=inputs.counterfactual_keys, answer_gradients=inputs.answer_gradients, config=config,
-        )
+        result = edit(prepare_edit(lm, spec, [EXAMPLE], probes, band, config))
         snapshot.restore()
         calibrate(lm, result.deltas, [query], answers, config.calibration_steps)
         return result
@@ -108,7 +110,6 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
     # a job of 8 examples solves one rank-8 update per layer in the same single pass
     queries8 = [query, guide, *(q.prompt for q in EXAMPLE.specificity)]
     guides8 = [*(q.prompt for q in EXAMPLE.specificity), query, guide]
-    preserved = prepare_edit(lm, spec, [EXAMPLE], probes, band, config).preserved
 
     def engine_edit_8():
         result = creme_edit(lm, queries8, guides8, band, max_rank=8, max_relative_norm=1.0, preserved=preserved)
@@ -130,10 +131,7 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
             ("locate", lambda: locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band))),
             ("prepare", lambda: prepare_edit(lm, spec, [EXAMPLE], probes, band, config)),
             ("evaluate_before", lambda: read_probes(lm, probes, "", lm.warm.readings)),
-            ("edit", lambda: creme_edit(
-                lm, [query], [guide], band, max_rank=8, max_relative_norm=1.0, preserved=values["prepare"].preserved,
-                counterfactual_keys=values["prepare"].counterfactual_keys, answer_gradients=values["prepare"].answer_gradients,
-            )),
+            ("edit", lambda: edit(values["prepare"])),
             ("calibrate", lambda: (snapshot.restore(), calibrate(lm, values["edit"].deltas, [query], answers, config.calibration_steps))),
             ("evaluate_after", lambda: read_probes(lm, probes, "")),
         ):

@@ -22,6 +22,7 @@ AroundPass = Callable[[list[int]], AbstractContextManager]
 BATCH = 48
 """Sequences per forward pass when scoring; bounds memory on the vocabulary-sized logits."""
 
+
 def answer_variants(answer: str, aliases: Sequence[str] = ()) -> list[str]:
     """Accepted wordings of an answer: the answer itself first, then the user's aliases, nothing else.
 

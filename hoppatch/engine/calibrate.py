@@ -2,9 +2,9 @@
 
 The edit moves every query to its guide's output, which is usually more than the answer needs; and in a job
 of many examples, every example's share also moves the unrelated queries a little. Per example, the share
-(its column of each layer's left factor) is scaled by the smallest step (`EditConfig.calibration_steps`) at which the query gives
-its answer, with all the examples scaled at once; steps are then raised for any example the mix leaves
-uncorrected. An example that even the full update does not correct is dropped from the delta (scale 0):
+(its column of each layer's left factor) is scaled by the smallest step (`EditConfig.calibration_steps`) at
+which the query gives its answer, with all the examples scaled at once; steps are then raised for any
+example the mix leaves uncorrected. An example that even the full update does not correct is dropped from the delta (scale 0):
 its share would move other queries for nothing. When no example is corrected at any step, the update is
 kept whole: the job's correction rate then says what happened.
 """

@@ -96,19 +96,20 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
     digest.update("\x00".join(prompts).encode())
     prompts_id = digest.hexdigest()[:32]
     found: dict[int, KeyStatistics] = {}
-    missing = []
+    missing: dict[int, Path] = {}  # layer → its disk-cache directory
     for layer in layers:
-        directory = _statistics_dir(lm, layer, prompts_id)
         stats = lm.warm.key_statistics.get((prompts_id, layer))
-        if stats is None and (directory / "statistics.safetensors").exists():
-            tensors = load_file(str(directory / "statistics.safetensors"), device=str(lm.device))
-            stats = KeyStatistics(tensors["last"], tensors["moment"])
         if stats is None:
-            missing.append(layer)
-        else:
+            directory = _statistics_dir(lm, layer, prompts_id)
+            if (directory / "statistics.safetensors").exists():
+                tensors = load_file(str(directory / "statistics.safetensors"), device=str(lm.device))
+                stats = KeyStatistics(tensors["last"], tensors["moment"])
+            else:
+                missing[layer] = directory
+        if stats is not None:
             found[layer] = stats
-    for layer, stats in (key_statistics(lm, prompts, missing).items() if missing else ()):
-        directory = _statistics_dir(lm, layer, prompts_id)
+    for layer, stats in (key_statistics(lm, prompts, list(missing)).items() if missing else ()):
+        directory = missing[layer]
         directory.mkdir(parents=True, exist_ok=True)
         staging = directory / f".statistics.{os.getpid()}.partial"
         save_file({"last": stats.last.cpu().contiguous(), "moment": stats.moment.cpu().contiguous()}, str(staging))
@@ -138,10 +139,10 @@ def _below_or_at(lm: LoadedModel, name: str, layer: int) -> bool:
 
 
 def _parameter_hash(lm: LoadedModel, name: str, parameter: torch.Tensor) -> str:
-    known = lm.warm.weight_hashes.get(name)
-    if known is None:
-        known = lm.warm.weight_hashes.setdefault(name, weight_sha256(parameter))
-    return known
+    hashes = lm.warm.weight_hashes
+    if name not in hashes:
+        hashes[name] = weight_sha256(parameter)
+    return hashes[name]
 
 
 def run_job(
