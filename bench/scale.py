@@ -51,7 +51,7 @@ def main() -> None:
     body = tiny_job(tiny_model_dir(work))
     rows = {}
     with redis_server() as redis_url:
-        key = create_key(redis.Redis.from_url(redis_url), "bench")
+        key = create_key(redis.Redis.from_url(redis_url), "bench")[1]
         # one thread per worker: on a small machine, threads of several workers would fight for the cores
         env = environment(redis_url, work, OMP_NUM_THREADS="1")
         with api_server(env) as url:

@@ -117,7 +117,7 @@ def main() -> None:
     model_dir = tiny_model_dir(work)
     body = tiny_job(model_dir)
     with redis_server() as redis_url:
-        key = create_key(redis.Redis.from_url(redis_url), "bench")
+        key = create_key(redis.Redis.from_url(redis_url), "bench")[1]
         env = environment(redis_url, work)
         with api_server(env) as url:
             if shutil.which("wrk"):

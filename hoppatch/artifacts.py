@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from hoppatch.jobs import Artifact
+from hoppatch.jobs import Artifact, JobStore, job_key
 
 _MEDIA_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json", ".png": "image/png"}
 
@@ -29,6 +29,9 @@ class ArtifactStore(Protocol):
 
     def path(self, job_id: str, name: str) -> Path | None:
         """A local path to read an artifact from, or None."""
+
+    def delete(self, job_id: str) -> None:
+        """Remove every file of a job (nothing where there is none)."""
 
 
 class LocalArtifactStore:
@@ -65,3 +68,22 @@ class LocalArtifactStore:
 
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+
+def sweep_artifacts(store: JobStore, artifacts: LocalArtifactStore) -> list[str]:
+    """Delete the files of every job whose record has expired; returns their ids."""
+    if not artifacts.root.is_dir():
+        return []
+    job_ids = [p.name for p in artifacts.root.iterdir() if p.is_dir() and p.name.startswith("job_")]
+    swept = []
+    for start in range(0, len(job_ids), 500):
+        chunk = job_ids[start : start + 500]
+        with store.redis.pipeline(transaction=False) as pipe:
+            for job_id in chunk:
+                pipe.exists(job_key(job_id))
+            alive = pipe.execute()
+        for job_id, exists in zip(chunk, alive):
+            if not exists:
+                artifacts.delete(job_id)
+                swept.append(job_id)
+    return swept

@@ -151,28 +151,60 @@ def worker(
     run_worker(Settings(), burst=burst, preload=preload)
 
 
-@keys_app.command("create")
-def keys_create(tenant: Annotated[str, typer.Option(help="The tenant this key acts for")]) -> None:
-    """Print a new API key (shown once; only its hash is stored)."""
-    import redis
-
+def _redis():
+    from hoppatch.connection import connect
     from hoppatch.settings import Settings
-    from hoppatch.service.auth import create_key
 
-    typer.echo(create_key(redis.Redis.from_url(Settings().redis_url), tenant))
+    return connect(Settings().redis_url)
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant this key acts for")],
+    models: Annotated[str | None, typer.Option(help="Comma-separated model references this key may patch (default: all served)")] = None,
+    max_seconds: Annotated[float | None, typer.Option(min=1, help="Ceiling on budget.max_seconds for this key's jobs")] = None,
+) -> None:
+    """Print a new API key on stdout (shown once; only its hash is stored) and its id on stderr."""
+    from hoppatch.service.auth import create_key
+    from hoppatch.spec import ModelRefError, check_model_ref
+
+    allowed = tuple(m.strip() for m in models.split(",") if m.strip()) if models else ()
+    for ref in allowed:
+        try:
+            check_model_ref(ref, None)
+        except ModelRefError as exc:
+            die(f"--models: {exc}")
+    record, plaintext = create_key(_redis(), tenant, allowed, max_seconds)
+    typer.echo(plaintext)
+    typer.echo(f"key {record.id} for tenant {tenant!r}", err=True)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys")] = None) -> None:
+    """One line per key: id, tenant, created, models, max seconds (never the key itself)."""
+    from hoppatch.service.auth import list_keys
+
+    for key in list_keys(_redis(), tenant):
+        models = ",".join(key.models) or "*"
+        typer.echo(f"{key.id}\t{key.tenant}\t{key.created_at:%Y-%m-%dT%H:%M:%SZ}\t{models}\t{key.max_seconds or '-'}")
 
 
 @keys_app.command("revoke")
-def keys_revoke(key: Annotated[str, typer.Argument(help="The key to revoke")]) -> None:
-    """Revoke an API key."""
-    import redis
+def keys_revoke(
+    key: Annotated[str | None, typer.Argument(help="The key to revoke (plaintext)")] = None,
+    key_id: Annotated[str | None, typer.Option("--id", help="Revoke the key with this id")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Revoke every key of this tenant")] = None,
+) -> None:
+    """Revoke a key by its plaintext, by its id, or all of a tenant's keys."""
+    from hoppatch.service.auth import revoke_keys
 
-    from hoppatch.settings import Settings
-    from hoppatch.service.auth import revoke_key
-
-    if not revoke_key(redis.Redis.from_url(Settings().redis_url), key):
+    if [key, key_id, tenant].count(None) != 2:
+        die("name exactly one of: KEY, --id, --tenant")
+    revoked = revoke_keys(_redis(), key=key, key_id=key_id, tenant=tenant)
+    if not revoked:
         die("no such key")
-    typer.echo("revoked")
+    for record in revoked:
+        typer.echo(f"revoked {record.id} ({record.tenant})")
 
 
 @app.command()

@@ -104,6 +104,21 @@ def tenant_jobs_key(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:jobs"
 
 
+def tenant_active_key(tenant: str) -> str:
+    """Set of the tenant's jobs that have not ended: its queued-plus-running quota counts these."""
+    return f"{PREFIX}:tenant:{tenant}:active"
+
+
+def tenant_bucket_key(tenant: str) -> str:
+    """The tenant's submission token bucket: tokens left and when they were counted."""
+    return f"{PREFIX}:tenant:{tenant}:bucket"
+
+
+def ended_key(status: JobStatus) -> str:
+    """Sorted set of ended job ids by the time their record expires, so counts drop as records do."""
+    return f"{PREFIX}:ended:{status.value}"
+
+
 def idempotency_key(tenant: str, key: str) -> str:
     return f"{PREFIX}:idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
 
@@ -114,8 +129,12 @@ def api_key_key(digest: str) -> str:
 
 RUNNING_KEY = f"{PREFIX}:running"
 """Set of job ids that a worker has started and not finished; the reaper watches their heartbeats."""
+ACTIVE_KEY = f"{PREFIX}:active"
+"""Set of every job id that has not ended; the reaper checks the queued ones against RQ."""
 STATUS_COUNTS_KEY = f"{PREFIX}:status_counts"
-"""Hash: number of live job records per status, for the service's gauge."""
+"""Hash: number of jobs per status that has not ended (ended ones are counted in `ended_key`)."""
+RQ_QUEUE_KEY = f"rq:queue:{QUEUE_NAME}"
+RQ_JOB_PREFIX = "rq:job:"
 
 
 def now() -> datetime:
@@ -124,6 +143,62 @@ def now() -> datetime:
 
 def new_job_id() -> str:
     return "job_" + uuid.uuid4().hex[:24]
+
+
+class Limits(Struct, frozen=True):
+    """What one submission is admitted against; 0 switches a limit off."""
+
+    tenant_active: int
+    """Jobs of the tenant queued or running at once."""
+    queue_cap: int
+    """Jobs waiting in the queue, all tenants together."""
+    rate: float
+    """Submissions per second a tenant's token bucket refills with."""
+    burst: int
+    """Submissions a tenant may make at once (the bucket's size)."""
+
+
+SUBMIT_SCRIPT = """
+-- KEYS: idempotency key ('' when none), tenant's active set, RQ queue list, tenant's bucket, job key
+-- ARGV: idempotency value, active limit, queue cap, rate, burst, idempotency TTL, then the job's writes,
+--       each as its argument count followed by its arguments
+if KEYS[1] ~= '' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then return {'existing', existing} end
+end
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'existing', ARGV[1]} end
+local active_limit, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local rate, burst = tonumber(ARGV[4]), tonumber(ARGV[5])
+if active_limit > 0 and redis.call('SCARD', KEYS[2]) >= active_limit then return {'tenant_active', ''} end
+if cap > 0 and redis.call('LLEN', KEYS[3]) >= cap then return {'queue_full', ''} end
+if rate > 0 then
+  local t = redis.call('TIME')
+  local moment = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  local bucket = redis.call('HMGET', KEYS[4], 'tokens', 'at')
+  local tokens = math.min(burst, (tonumber(bucket[1]) or burst) + (moment - (tonumber(bucket[2]) or moment)) * rate)
+  if tokens < 1 then return {'rate', tostring((1 - tokens) / rate)} end
+  redis.call('HSET', KEYS[4], 'tokens', tostring(tokens - 1), 'at', tostring(moment))
+  redis.call('EXPIRE', KEYS[4], math.ceil(burst / rate) + 1)
+end
+if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[6]) end
+local i = 7
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return {'created', ''}
+"""
+"""Admission and creation in one step: the idempotency claim, the quotas and the job's writes (its record
+and RQ's job) happen together or not at all."""
+
+
+def flatten_commands(pipe: redis.client.Pipeline) -> list:
+    """A pipeline's staged commands as `SUBMIT_SCRIPT`'s trailing arguments."""
+    flat: list = []
+    for args, _ in pipe.command_stack:
+        flat += [len(args), *args]
+    return flat
 
 
 _encoder = msgspec.json.Encoder()
@@ -137,11 +212,13 @@ class JobStore:
         self.redis = client
         self.retention = retention_seconds
 
-    def create(self, record: JobRecord, spec_json: bytes, pipe: redis.client.Pipeline) -> None:
-        """Queue the writes of a new job on `pipe` (the caller adds the enqueue and executes)."""
+    def creation_commands(self, record: JobRecord, spec_json: bytes, pipe: redis.client.Pipeline) -> None:
+        """Queue the writes of a new job on `pipe`; `SUBMIT_SCRIPT` runs them once the job is admitted."""
         pipe.set(job_key(record.id), _encoder.encode(record))
         pipe.set(spec_key(record.id), spec_json)
         pipe.zadd(tenant_jobs_key(record.tenant), {record.id: record.created_at.timestamp()})
+        pipe.sadd(tenant_active_key(record.tenant), record.id)
+        pipe.sadd(ACTIVE_KEY, record.id)
         pipe.hincrby(STATUS_COUNTS_KEY, record.status.value, 1)
         pipe.xadd(events_key(record.id), {"type": "status", "data": _encoder.encode({"status": record.status.value})})
 
@@ -177,11 +254,14 @@ class JobStore:
                     pipe.xadd(events_key(job_id), {"type": event.pop("type"), "data": _encoder.encode(event)})
                     if updated.status is not record.status:
                         pipe.hincrby(STATUS_COUNTS_KEY, record.status.value, -1)
-                        pipe.hincrby(STATUS_COUNTS_KEY, updated.status.value, 1)
                     if updated.status.terminal:
-                        pipe.srem(RUNNING_KEY, job_id)
+                        pipe.zadd(ended_key(updated.status), {job_id: time.time() + self.retention})
+                        for members in (RUNNING_KEY, ACTIVE_KEY, tenant_active_key(record.tenant)):
+                            pipe.srem(members, job_id)
                         for k in (key, spec_key(job_id), events_key(job_id), cancel_key(job_id)):
                             pipe.expire(k, self.retention)
+                    elif updated.status is not record.status:
+                        pipe.hincrby(STATUS_COUNTS_KEY, updated.status.value, 1)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
@@ -251,19 +331,59 @@ class JobStore:
             pipe.execute()
 
     def reap_lost(self) -> list[str]:
-        """Fail the started jobs whose worker stopped heartbeating (died): code `worker_lost`."""
+        """Fail the jobs nobody will finish: started ones whose worker stopped heartbeating (it died), and
+        queued ones whose RQ job is gone or ended without starting ours. Code `worker_lost` for both."""
         lost = []
         for raw_id in self.redis.smembers(RUNNING_KEY):
             job_id = raw_id.decode()
             if self.redis.exists(heartbeat_key(job_id)):
                 continue
             error = JobError("worker_lost", "the worker running this job stopped heartbeating (it died or lost Redis)")
-            active = {JobStatus.RUNNING, JobStatus.CANCELLING}
-            if self.transition(job_id, JobStatus.FAILED, active, error=error, finished_at=now()):
+            if self.transition(job_id, JobStatus.FAILED, {JobStatus.RUNNING, JobStatus.CANCELLING}, error=error, finished_at=now()):
                 lost.append(job_id)
             else:
                 self.redis.srem(RUNNING_KEY, job_id)
+        for job_id in self._orphaned_queued():
+            error = JobError("worker_lost", "the queue lost this job before a worker started it; submit it again")
+            if self.transition(job_id, JobStatus.FAILED, {JobStatus.QUEUED}, error=error, finished_at=now()):
+                lost.append(job_id)
         return lost
 
+    def _orphaned_queued(self) -> list[str]:
+        """Queued records whose RQ job no longer exists or has ended: no worker will ever pick them up."""
+        ids = [i.decode() for i in self.redis.smembers(ACTIVE_KEY)]
+        orphans = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in chunk:
+                    pipe.get(job_key(job_id))
+                    pipe.hget(RQ_JOB_PREFIX + job_id, "status")
+                replies = pipe.execute()
+            for job_id, raw, rq_status in zip(chunk, replies[::2], replies[1::2]):
+                record = self.parse(raw)
+                if record is None:
+                    self.redis.srem(ACTIVE_KEY, job_id)
+                elif record.status is JobStatus.QUEUED and (rq_status is None or rq_status in _RQ_ENDED):
+                    orphans.append(job_id)
+        return orphans
+
     def status_counts(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.redis.hgetall(STATUS_COUNTS_KEY).items()}
+        """Jobs per status: those not ended, and the ended ones whose record has not expired yet."""
+        moment = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(STATUS_COUNTS_KEY)
+            for status in _ENDED:
+                pipe.zremrangebyscore(ended_key(status), "-inf", moment)
+                pipe.zcard(ended_key(status))
+            replies = pipe.execute()
+        counts = {status.value: 0 for status in JobStatus}
+        counts.update({k.decode(): max(0, int(v)) for k, v in replies[0].items() if not JobStatus(k.decode()).terminal})
+        for status, count in zip(_ENDED, replies[2::2]):
+            counts[status.value] = int(count)
+        return counts
+
+
+_ENDED = [status for status in JobStatus if status.terminal]
+_RQ_ENDED = {b"finished", b"failed", b"stopped", b"canceled"}
+"""RQ job states after which RQ will not run the job again."""

@@ -30,6 +30,20 @@ class Settings:
     max_examples: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_EXAMPLES", "64")))
     """Most examples one API job may carry."""
     max_body_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_MAX_BODY_BYTES", str(2 * 1024 * 1024))))
+    tenant_max_active: int = field(default_factory=lambda: int(_env("HOPPATCH_TENANT_MAX_ACTIVE", "50")))
+    """Jobs one tenant may have queued or running at once (429 beyond); 0: no limit."""
+    tenant_rate: float = field(default_factory=lambda: float(_env("HOPPATCH_TENANT_RATE", "5")))
+    """Submissions per second a tenant's token bucket refills with; 0: no limit."""
+    tenant_burst: int = field(default_factory=lambda: int(_env("HOPPATCH_TENANT_BURST", "50")))
+    """Submissions a tenant may make in one burst before `tenant_rate` applies."""
+    queue_cap: int = field(default_factory=lambda: int(_env("HOPPATCH_QUEUE_CAP", "5000")))
+    """Jobs waiting in the queue, all tenants together (429 beyond); 0: no cap."""
+    tenant_max_seconds: float = field(default_factory=lambda: float(_env("HOPPATCH_TENANT_MAX_SECONDS", "1800")))
+    """Ceiling on a job's `budget.max_seconds` for keys that name none of their own."""
+    streams_per_tenant: int = field(default_factory=lambda: int(_env("HOPPATCH_STREAMS_PER_TENANT", "8")))
+    """Open event streams one tenant may hold on one API process."""
+    streams_per_process: int = field(default_factory=lambda: int(_env("HOPPATCH_STREAMS_PER_PROCESS", "256")))
+    """Open event streams one API process holds, all tenants together."""
     model_cache_size: int = field(default_factory=lambda: int(_env("HOPPATCH_MODEL_CACHE_SIZE", "1")))
     """Models each worker keeps warm."""
     worker_metrics_port: int = field(default_factory=lambda: int(_env("HOPPATCH_WORKER_METRICS_PORT", "9101")))

@@ -109,13 +109,19 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
             msgspec.structs.force_setattr(self, "examples", self.examples.examples)
         check_unique_ids(self.examples)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
-            raise ValueError("layers must not repeat")
+            raise ValueError(REPEATED_LAYERS)
+
+
+DUPLICATE_IDS = "example ids must be unique"
+REPEATED_LAYERS = "layers must not repeat"
+CROSS_FIELD_RULES = {DUPLICATE_IDS: "/examples", REPEATED_LAYERS: "/layers"}
+"""The rules a JSON Schema cannot state field by field, each with the JSON pointer of what breaks it."""
 
 
 def check_unique_ids(examples: list[TwoHopExample]) -> None:
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
-        raise ValueError("example ids must be unique")
+        raise ValueError(DUPLICATE_IDS)
 
 
 class ExamplesError(ValueError):
@@ -180,6 +186,16 @@ def is_local_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or ".." in ref.split("/")
 
 
+def names_directory(ref: str) -> bool:
+    """Whether a model reference means a local directory: a path by its form, or an existing directory."""
+    if is_local_path(ref):
+        return True
+    try:
+        return Path(ref).expanduser().is_dir()
+    except OSError:  # a name too long for the file system, say: not a directory then
+        return False
+
+
 def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
     """The rule for model references: a known built-in, a directory under one of `model_roots` (None: any
     directory), or a hub id (ORG/NAME). Where the model is, and whether it loads, the engine finds out."""
@@ -187,7 +203,7 @@ def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
         if ref not in BUILTIN_MODELS:
             raise ModelRefError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
         return
-    if is_local_path(ref) or Path(ref).expanduser().is_dir():
+    if names_directory(ref):
         resolved = Path(ref).expanduser().resolve()
         if model_roots is not None and not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
             raise ModelRefError(f"model directory {ref!r} is outside the configured model roots")

@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 
 import redis
-import redis.asyncio as aioredis
-from litestar import Litestar
+from litestar import Litestar, Request, Response
+from litestar.routes import HTTPRoute
 from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.prometheus import PrometheusController
 from rq import Queue
+from rq.serializers import JSONSerializer
 
 from hoppatch import __version__
-from hoppatch.artifacts import LocalArtifactStore
-from hoppatch.jobs import QUEUE_NAME, JobStore
+from hoppatch.artifacts import LocalArtifactStore, sweep_artifacts
+from hoppatch.connection import connect, connect_async
+from hoppatch.jobs import QUEUE_NAME, SUBMIT_SCRIPT, JobStore
 from hoppatch.settings import Settings
 
 from .auth import HEADER, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
 from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
-from .controllers.jobs import JobController
-from .metrics import PROMETHEUS, register_queue_collector
+from .controllers.jobs import JobController, OpenStreams
+from .metrics import PROMETHEUS, QUEUE_STATS
+from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
 
 log = logging.getLogger("hoppatch.api")
@@ -35,36 +39,57 @@ class MetricsController(PrometheusController):
     include_in_schema = False
 
 
+SWEEP_SECONDS = 300.0
+"""How often the API deletes the artifacts of expired jobs."""
+MAINTENANCE_SECONDS = 5.0
+"""How often, at most, the API refreshes its queue gauges and reaps lost jobs."""
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
-    client = redis.Redis.from_url(settings.redis_url, max_connections=64, socket_timeout=5, socket_connect_timeout=2)
+    client = connect(settings.redis_url, max_connections=64)
     store = JobStore(client, settings.retention_seconds)
-    queue = Queue(QUEUE_NAME, connection=client)
-    register_queue_collector(store, queue)
+    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+    aredis = connect_async(settings.redis_url)
+    artifacts = LocalArtifactStore(settings.artifact_dir)
     state = State(
         {
             "settings": settings,
             "redis": client,
-            "aredis": aioredis.Redis.from_url(settings.redis_url, socket_timeout=30, socket_connect_timeout=2),
-            "api_key_cache": {},  # digest → (tenant, trusted until), see service.auth
+            "aredis": aredis,
+            # SSE reads block for up to 15 s: a client of their own, with a timeout that outlasts them
+            "stream_redis": connect_async(settings.redis_url, socket_timeout=30),
+            "admit": aredis.register_script(SUBMIT_SCRIPT),
+            "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
+            "streams": OpenStreams(),
             "store": store,
             "queue": queue,
-            "artifacts": LocalArtifactStore(settings.artifact_dir),
+            "artifacts": artifacts,
         }
     )
     if not settings.auth:
         log.warning("API keys are OFF (HOPPATCH_AUTH=off): every request acts as tenant 'local'")
     auth = ApiKeyMiddleware if settings.auth else NoAuthMiddleware
 
+    interval = min(MAINTENANCE_SECONDS, max(1.0, settings.heartbeat_timeout / 4))
+
+    def maintain(rounds: int) -> None:
+        store.reap_lost()
+        QUEUE_STATS.refresh(store, queue)
+        if rounds % int(SWEEP_SECONDS / interval) == 0:
+            sweep_artifacts(store, artifacts)
+
     @contextlib.asynccontextmanager
-    async def reaper(app: Litestar):
-        """The service also fails jobs whose worker died, so a lone dead worker cannot leave one running."""
+    async def maintenance(app: Litestar):
+        """Gauges, the reaper (so a lone dead worker cannot leave a job running) and the artifact sweeper."""
 
         async def loop():
-            while True:
-                await asyncio.sleep(max(1.0, settings.heartbeat_timeout / 4))
-                with contextlib.suppress(redis.RedisError):
-                    await asyncio.to_thread(store.reap_lost)
+            for rounds in itertools.count():
+                try:
+                    await asyncio.to_thread(maintain, rounds)
+                except redis.RedisError as exc:
+                    log.warning("maintenance: %s", exc)
+                await asyncio.sleep(interval)
 
         task = asyncio.create_task(loop())
         try:
@@ -72,18 +97,29 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             task.cancel()
 
-    return Litestar(
+    allowed: dict[str, str] = {}  # path → its methods, once the routes exist
+
+    async def answer_options(request: Request) -> Response | None:
+        # Litestar's own OPTIONS answer lists only the methods of the first handler registered on a path
+        if request.method == "OPTIONS":
+            return Response(None, status_code=204, headers={"Allow": allowed[request.scope["path_template"]]})
+        return None
+
+    app = Litestar(
+        before_request=answer_options,
         route_handlers=[JobController, ArtifactController, HealthController, MetricsController],
         state=state,
         middleware=[PROMETHEUS.middleware, DefineMiddleware(auth, exclude=OPEN_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
-        lifespan=[reaper],
+        lifespan=[maintenance],
         openapi_config=OpenAPIConfig(
             title="hoppatch",
             version=__version__,
             description="Patch two-hop reasoning failures of causal LMs with a small attention edit (CREME).",
             components=Components(security_schemes={"ApiKey": SecurityScheme(type="apiKey", name=HEADER, security_scheme_in="header")}),
-            security=[{"ApiKey": []}],
         ),
     )
+    complete_schemas(app)
+    allowed.update({route.path_format: ", ".join(sorted(route.methods)) for route in app.routes if isinstance(route, HTTPRoute)})
+    return app

@@ -8,73 +8,104 @@ from pathlib import Path
 import msgspec
 import redis
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from rq import Queue
 
-from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, idempotency_key, job_key, new_job_id, now
+from hoppatch.jobs import (
+    RQ_QUEUE_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
+    job_key, new_job_id, now, tenant_active_key, tenant_bucket_key,
+)
 from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
-from .problems import IdempotencyConflict, JobRejected, JobNotFound, NotCancellable
+from .auth import ApiKey
+from .problems import IdempotencyConflict, JobNotFound, JobRejected, ModelNotAllowed, NotCancellable, TooManyRequests
 
 LOAD_ALLOWANCE_SECONDS = 600
-"""Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model."""
+"""Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model. The engine's
+own deadline (the budget) ends a job long before RQ's alarm could interrupt it."""
 IDEMPOTENCY_TTL = 24 * 3600
+RETRY_ACTIVE = 30
+"""Seconds a tenant at its active-jobs limit is told to wait: about the time a job takes."""
+RETRY_QUEUE_FULL = 60
 
 
-def check_model(ref: str, model_roots: tuple[Path, ...]) -> None:
-    """Reject at the door what no worker could load: unknown built-ins, paths outside the model roots."""
+def check_model(ref: str, model_roots: tuple[Path, ...], key: ApiKey) -> None:
+    """Reject at the door what no worker could load (unknown built-ins, paths outside the model roots) and
+    what this key may not patch."""
     try:
         check_model_ref(ref, model_roots)
     except ModelRefError as exc:
         raise JobRejected(str(exc), "/model") from None
+    if key.models and ref not in key.models:
+        raise ModelNotAllowed(f"this API key may patch only: {', '.join(key.models)}", "/model")
 
 
-def check_spec(spec: JobSpec, max_examples: int) -> None:
-    if len(spec.examples) > max_examples:
-        raise JobRejected(f"{len(spec.examples)} examples; this service takes at most {max_examples} per job", "/examples")
+def check_spec(spec: JobSpec, key: ApiKey, settings: Settings) -> None:
+    if len(spec.examples) > settings.max_examples:
+        raise JobRejected(f"{len(spec.examples)} examples; this service takes at most {settings.max_examples} per job", "/examples")
+    ceiling = key.max_seconds or settings.tenant_max_seconds
+    if ceiling and spec.budget.max_seconds > ceiling:
+        raise TooManyRequests(f"budget.max_seconds {spec.budget.max_seconds:g} is over this key's ceiling of {ceiling:g}", None, "/budget/max_seconds")
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(settings.tenant_max_active, settings.queue_cap, settings.tenant_rate, settings.tenant_burst)
 
 
 async def submit(
-    store: JobStore, aredis: aioredis.Redis, queue: Queue, tenant: str, spec: JobSpec, idempotency: str | None, settings: Settings
+    store: JobStore, admit: AsyncScript, queue: Queue, key: ApiKey, spec: JobSpec, idempotency: str | None, settings: Settings
 ) -> tuple[JobRecord, bool]:
-    """Create and enqueue a job; returns (job, created). Nothing is stored unless everything is valid.
+    """Create and enqueue a job; returns (job, created). Nothing is stored unless it is valid and admitted.
 
-    Redis is awaited on the asyncio client, so the event loop serves other requests meanwhile.
+    One Lua script claims the idempotency key, checks the quotas and writes the record with RQ's job, so a
+    rejected request leaves nothing behind and two identical requests make one job.
     """
-    check_model(spec.model, settings.model_roots)
-    check_spec(spec, settings.max_examples)
+    tenant = key.tenant
+    check_model(spec.model, settings.model_roots, key)
+    check_spec(spec, key, settings)
     spec_json = msgspec.json.encode(spec)
     digest = hashlib.sha256(spec_json).hexdigest()
     job_id = new_job_id()
-    if idempotency:
-        key = idempotency_key(tenant, idempotency)
-        claimed = await aredis.set(key, f"{job_id} {digest}", nx=True, ex=IDEMPOTENCY_TTL)
-        if not claimed:
-            existing_id, existing_digest = ((await aredis.get(key)) or b" ").decode().split(" ")
-            if existing_digest != digest:
-                raise IdempotencyConflict(f"Idempotency-Key {idempotency!r} was used with a different body")
-            record = JobStore.parse(await aredis.get(job_key(existing_id)))
-            if record is None:
-                raise JobNotFound(f"the job of Idempotency-Key {idempotency!r} has expired")
-            return record, False
     record = JobRecord(
         id=job_id, tenant=tenant, status=JobStatus.QUEUED, model=spec.model, num_examples=len(spec.examples),
         budget=spec.budget, created_at=now(), metadata=dict(spec.metadata),
     )
-    # RQ writes its job through a synchronous pipeline: the writes are staged on one that never runs (RQ
-    # opens the MULTI block itself, so it goes first; the record joins it), then sent in one transaction.
+    # RQ builds its job's writes on a pipeline that is never executed; the script runs them.
     staged = store.redis.pipeline()
     queue.enqueue_call(
         TASK, args=(job_id,), job_id=job_id, pipeline=staged,
         timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
         result_ttl=store.retention, failure_ttl=store.retention,
     )
-    store.create(record, spec_json, staged)
-    async with aredis.pipeline(transaction=True) as transaction:
-        for args, options in staged.command_stack:
-            transaction.execute_command(*args, **options)
-        await transaction.execute()
-    return record, True
+    store.creation_commands(record, spec_json, staged)
+    quota = limits(settings)
+    claim = idempotency_key(tenant, idempotency) if idempotency else ""
+    keys = [claim, tenant_active_key(tenant), RQ_QUEUE_KEY, tenant_bucket_key(tenant), job_key(job_id)]
+    args = [f"{job_id} {digest}", quota.tenant_active, quota.queue_cap, quota.rate, quota.burst, IDEMPOTENCY_TTL]
+    verdict, detail = await admit(keys=keys, args=[*args, *flatten_commands(staged)])
+    match verdict.decode():
+        case "created":
+            return record, True
+        case "existing":
+            return await _existing(admit.registered_client, idempotency or "", detail.decode(), digest), False
+        case "tenant_active":
+            raise TooManyRequests(f"tenant {tenant!r} has {quota.tenant_active} jobs queued or running, its limit", RETRY_ACTIVE)
+        case "queue_full":
+            raise TooManyRequests(f"the queue holds {quota.queue_cap} jobs, its cap; try again later", RETRY_QUEUE_FULL)
+        case "rate":
+            raise TooManyRequests(f"tenant {tenant!r} submits faster than {quota.rate:g} jobs/s", float(detail))
+    raise AssertionError(f"unknown admission verdict {verdict!r}")
+
+
+async def _existing(aredis: aioredis.Redis, idempotency: str, claim: str, digest: str) -> JobRecord:
+    existing_id, existing_digest = claim.split(" ")
+    if existing_digest != digest:
+        raise IdempotencyConflict(f"Idempotency-Key {idempotency!r} was used with a different body")
+    record = JobStore.parse(await aredis.get(job_key(existing_id)))
+    if record is None:
+        raise JobNotFound(f"the job of Idempotency-Key {idempotency!r} has expired")
+    return record
 
 
 def get_job(store: JobStore, tenant: str, job_id: str) -> JobRecord:

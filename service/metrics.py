@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
@@ -10,40 +9,41 @@ from prometheus_client.registry import Collector
 from rq import Queue
 
 from hoppatch.jobs import JobStatus, JobStore
+from hoppatch.spec import BUILTIN_MODELS
 
 PROMETHEUS = PrometheusConfig(app_name="hoppatch", prefix="hoppatch_api", group_path=True, exclude=["/metrics"])
 
-JOBS_SUBMITTED = Counter("hoppatch_api_jobs_submitted_total", "Jobs accepted by the API, by model.", ["model"])
+JOBS_SUBMITTED = Counter("hoppatch_api_jobs_submitted_total", "Jobs accepted by the API, by model (built-ins, else other).", ["model"])
+
+
+def model_label(ref: str) -> str:
+    """A bounded label: tenants name models freely (and local paths are nobody else's business)."""
+    return ref if ref in BUILTIN_MODELS else "other"
 
 
 class QueueCollector(Collector):
-    """Reads queue depth and job counts by state from Redis at scrape time."""
+    """Serves queue depth and job counts by state as last read by `refresh`, so a scrape never waits on Redis
+    (the app refreshes them from a thread every few seconds)."""
 
-    def __init__(self, store: JobStore, queue: Queue):
-        self.store, self.queue = store, queue
+    def __init__(self) -> None:
+        self.depth: int | None = None
+        self.counts: dict[str, int] = {}
+
+    def refresh(self, store: JobStore, queue: Queue) -> None:
+        depth, counts = queue.count, store.status_counts()
+        self.depth, self.counts = depth, counts
 
     def collect(self):
-        depth = GaugeMetricFamily("hoppatch_queue_depth", "Jobs waiting in the RQ queue.")
-        states = GaugeMetricFamily("hoppatch_jobs", "Job records by status (within retention).", labels=["status"])
-        try:
-            depth.add_metric([], self.queue.count)
-            counts = self.store.status_counts()
-            for status in JobStatus:
-                states.add_metric([status.value], max(0, counts.get(status.value, 0)))
-        except redis.RedisError:
+        if self.depth is None:
             return
+        depth = GaugeMetricFamily("hoppatch_queue_depth", "Jobs waiting in the RQ queue.")
+        depth.add_metric([], self.depth)
+        states = GaugeMetricFamily("hoppatch_jobs", "Job records by status (within retention).", labels=["status"])
+        for status in JobStatus:
+            states.add_metric([status.value], self.counts.get(status.value, 0))
         yield depth
         yield states
 
 
-_collector: QueueCollector | None = None
-
-
-def register_queue_collector(store: JobStore, queue: Queue) -> None:
-    """One collector per process, pointed at the latest app's Redis (tests build several apps)."""
-    global _collector
-    if _collector is None:
-        _collector = QueueCollector(store, queue)
-        REGISTRY.register(_collector)
-    else:
-        _collector.store, _collector.queue = store, queue
+QUEUE_STATS = QueueCollector()
+REGISTRY.register(QUEUE_STATS)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 
+import redis
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from hoppatch.spec import CROSS_FIELD_RULES
+
 from .schemas import Problem, ProblemError
+
+log = logging.getLogger("hoppatch.api")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "https://hoppatch.dev/problems/"
@@ -59,6 +66,30 @@ class Unauthorized(ServiceError):
     status, slug, title = 401, "unauthorized", "A valid API key is required"
 
 
+class ModelNotAllowed(ServiceError):
+    """The API key is limited to other models."""
+
+    status, slug, title = 403, "model-not-allowed", "This API key may not patch this model"
+
+
+class TooManyRequests(ServiceError):
+    """A quota: the tenant's active jobs, its submission rate, the queue's cap, its streams or its budget."""
+
+    status, slug, title = 429, "too-many-requests", "Too many requests"
+
+    def __init__(self, detail: str, retry_after: float | None = None, pointer: str | None = None):
+        super().__init__(detail, pointer)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(ServiceError):
+    status, slug, title = 503, "service-unavailable", "The service cannot reach its job store"
+
+
+RETRY_AFTER_UNAVAILABLE = 5
+"""Seconds a client is told to wait while Redis is out of reach."""
+
+
 _HTTP_SLUGS = {
     400: ("bad-request", "Bad request"),
     401: ("unauthorized", "A valid API key is required"),
@@ -85,17 +116,39 @@ def problem_response(status: int, slug: str, title: str, detail: str, instance: 
 
 def service_error_handler(request: Request, exc: ServiceError) -> Response:
     errors = [ProblemError(exc.pointer, exc.detail)] if exc.pointer is not None else None
-    return problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, errors)
+    response = problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, errors)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return response
+
+
+def redis_error_handler(request: Request, exc: redis.RedisError) -> Response:
+    """Redis out of reach (restarting, paused, partitioned): 503 with Retry-After, never a 500."""
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    unavailable = ServiceUnavailable("the job store is unreachable; retry shortly")
+    unavailable.retry_after = RETRY_AFTER_UNAVAILABLE
+    return service_error_handler(request, unavailable)
+
+
+BODY = "data"
+"""The name Litestar gives the request body in its validation errors; the body is the document's root."""
 
 
 def validation_handler(request: Request, exc: ValidationException) -> Response:
     errors = []
     for item in exc.extra if isinstance(exc.extra, list) else []:
         message = str(item.get("message", "")) if isinstance(item, dict) else str(item)
+        if message in CROSS_FIELD_RULES:  # well-formed, each field valid: the job as a whole is refused
+            rejected = JobRejected(message, CROSS_FIELD_RULES[message])
+            return service_error_handler(request, rejected)
+        key = str(item.get("key", "")) if isinstance(item, dict) else ""
+        if key == BODY and message == repr(BODY):  # Litestar's words for a missing body
+            message = "a JSON body is required"
         match = _PATH.search(message)
         pointer = json_pointer(match["path"]) if match else None
-        if pointer is None and isinstance(item, dict) and item.get("key"):
-            pointer = "/" + str(item["key"]).replace(".", "/")
+        if pointer is None and key:
+            pointer = "" if key == BODY else json_pointer("$." + key)
         errors.append(ProblemError(pointer, _PATH.sub("", message).rstrip(" -")))
     detail = errors[0].detail if errors else str(exc.detail)
     return problem_response(400, "validation-error", "The request is not valid", detail, request.url.path, errors or None)
@@ -103,15 +156,21 @@ def validation_handler(request: Request, exc: ValidationException) -> Response:
 
 def http_error_handler(request: Request, exc: HTTPException) -> Response:
     slug, title = _HTTP_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
-    return problem_response(exc.status_code, slug, title, str(exc.detail), request.url.path)
+    response = problem_response(exc.status_code, slug, title, str(exc.detail), request.url.path)
+    response.headers.update(exc.headers or {})  # Allow on a 405, as RFC 9110 asks
+    return response
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
-    return problem_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal server error", type(exc).__name__, request.url.path)
+    if isinstance(exc, redis.RedisError):
+        return redis_error_handler(request, exc)
+    log.exception("%s %s: internal error", request.method, request.url.path, exc_info=exc)
+    return problem_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal server error", "internal error", request.url.path)
 
 
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
+    redis.RedisError: redis_error_handler,
     ValidationException: validation_handler,
     HTTPException: http_error_handler,
     HTTP_500_INTERNAL_SERVER_ERROR: internal_error_handler,

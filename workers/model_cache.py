@@ -43,5 +43,14 @@ class ModelCache:
         MODELS_WARM.set(len(self._models))
         return lm
 
+    def peek(self, ref: str) -> LoadedModel | None:
+        """The warm model, if any, without counting a lookup."""
+        return self._models.get(ref)
+
+    def discard(self, ref: str) -> None:
+        if self._models.pop(ref, None) is not None:
+            gc.collect()
+        MODELS_WARM.set(len(self._models))
+
     def __contains__(self, ref: str) -> bool:
         return ref in self._models

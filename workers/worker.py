@@ -3,6 +3,9 @@
 RQ's SimpleWorker runs each job in this process (no fork), so a loaded model survives from job to job.
 Cancellation is a Redis flag the engine checks between steps; RQ's stop command does nothing here. A
 reaper thread fails jobs whose worker stopped heartbeating (see `JobStore.reap_lost`).
+
+RQ's work loop returns on most Redis errors; `run_worker` starts it again, with backoff, until a stop is
+asked for, so a Redis restart or pause never needs a supervisor to bring the worker back.
 """
 
 from __future__ import annotations
@@ -12,19 +15,26 @@ import logging
 import os
 import socket
 import threading
+import time
 
 import redis
 from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
 
+from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.connection import connect
 from hoppatch.jobs import QUEUE_NAME, JobStore
 from hoppatch.settings import Settings
 
 from . import tasks
-from hoppatch.artifacts import LocalArtifactStore
 from .model_cache import ModelCache
 
 log = logging.getLogger("hoppatch.worker")
+
+WORKER_TTL = 30
+"""Seconds RQ keeps a silent worker registered; it also sets how long one blocking dequeue waits."""
+MAX_BACKOFF = 10.0
 
 
 def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> None:
@@ -39,11 +49,10 @@ def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> Non
 def run_worker(settings: Settings, burst: bool = False, preload: str | None = None) -> None:
     """Serve jobs until stopped (or, with `burst`, until the queue is empty)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    connection = redis.Redis.from_url(settings.redis_url)
-    store = JobStore(connection, settings.retention_seconds)
+    store = JobStore(connect(settings.redis_url), settings.retention_seconds)
     models = ModelCache(settings.model_cache_size, list(settings.model_roots), settings.device)
     name = f"hoppatch-{socket.gethostname()}-{os.getpid()}"
-    tasks.configure(store, LocalArtifactStore(settings.artifact_dir), models, settings.heartbeat_timeout, name)
+    tasks.configure(tasks.WorkerContext(store, LocalArtifactStore(settings.artifact_dir), models, settings.heartbeat_timeout, name))
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
@@ -54,8 +63,32 @@ def run_worker(settings: Settings, burst: bool = False, preload: str | None = No
         models.get(preload)
     stop = threading.Event()
     threading.Thread(target=reap_forever, args=(store, max(1.0, settings.heartbeat_timeout / 4), stop), daemon=True).start()
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection, name=name)
     try:
-        worker.work(burst=burst, with_scheduler=False)
+        _work_until_stopped(settings.redis_url, name, burst)
     finally:
         stop.set()
+
+
+def _work_until_stopped(redis_url: str, name: str, burst: bool) -> None:
+    # RQ raises its connection's socket timeout to outlast a blocking dequeue: it gets a client of its own,
+    # so the job store's commands keep their short timeouts.
+    connection = connect(redis_url)
+    backoff = 0.5
+    for generation in range(1_000_000):
+        # A worker that lost Redis may leave its registration behind, live until its TTL: a new name each time.
+        worker = SimpleWorker(
+            [Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)],
+            connection=connection, name=name if generation == 0 else f"{name}.{generation}",
+            serializer=JSONSerializer, worker_ttl=WORKER_TTL,
+        )
+        started = time.monotonic()
+        try:
+            worker.work(burst=burst, with_scheduler=False)
+        except redis.RedisError as exc:
+            log.warning("worker loop: %s", exc)
+        # RQ notes a SIGTERM/SIGINT here whether it came while busy or idle
+        if burst or worker._shutdown_requested_date is not None:
+            return
+        backoff = 0.5 if time.monotonic() - started > 60 else min(MAX_BACKOFF, backoff * 2)
+        log.warning("worker loop ended without a stop request (Redis unreachable?); starting again in %.1f s", backoff)
+        time.sleep(backoff)

@@ -20,9 +20,9 @@ class UnsupportedArchitecture(EngineError):
 
 
 class InvalidJob(EngineError):
-    """The job asks for something the model cannot give (a layer it does not have, say)."""
+    """The job asks for something the model cannot give (a layer it does not have, a prompt past its context)."""
 
-    code = "invalid_job"
+    code = "invalid_input"
 
 
 class NoCompositionFailure(EngineError):

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hoppatch.spec import ModelRefError, check_model_ref, is_local_path
+from hoppatch.spec import ModelRefError, check_model_ref, names_directory
 
 from .errors import ModelNotFound, UnsupportedArchitecture
 from .warm import WarmState
@@ -111,6 +111,12 @@ class LoadedModel:
     @property
     def final_norm(self) -> nn.Module:
         return self.model.get_submodule(self.arch.final_norm)
+
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes, where its config says."""
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
     @property
     def unembed(self) -> nn.Module:
@@ -203,7 +209,7 @@ def resolve_model_path(ref: str, model_roots: list[Path] | None = None) -> str:
         raise ModelNotFound(str(exc)) from None
     if ref in BUILTINS:
         return str(builtin_model_dir(ref))
-    if is_local_path(ref) or Path(ref).expanduser().is_dir():
+    if names_directory(ref):
         resolved = Path(ref).expanduser().resolve()
         if not (resolved / "config.json").is_file():
             raise ModelNotFound(f"{ref!r} is not a model directory (no config.json)")

@@ -145,6 +145,38 @@ def _parameter_hash(lm: LoadedModel, name: str, parameter: torch.Tensor) -> str:
     return hashes[name]
 
 
+GENERATED_TOKENS = 16
+"""Room left after the longest prompt for the answers the engine scores and the continuations it reads."""
+
+
+def check_lengths(lm: LoadedModel, spec: JobSpec) -> None:
+    """Every prompt, behind the preamble, fits the model's context with room to answer: checked in tokens
+    before any forward pass, because a position past the context is a device-side assert on a GPU."""
+    limit = lm.context_length
+    if limit is None:
+        return
+    for ex in spec.examples:
+        texts = [ex.query, ex.hop1.prompt, ex.hop2.prompt, *ex.paraphrases]
+        texts += [q.prompt for q in (*ex.generalization, *ex.specificity)]
+        ids = lm.tokenizer([spec.preamble + text for text in texts])["input_ids"]
+        tokens = max(len(row) for row in ids) + GENERATED_TOKENS
+        if tokens > limit:
+            raise InvalidJob(
+                f"example {ex.id!r}: the preamble and its longest prompt take {tokens - GENERATED_TOKENS} tokens; "
+                f"{lm.ref} takes {limit}, less {GENERATED_TOKENS} for the answer"
+            )
+
+
+def base_weights_intact(lm: LoadedModel) -> bool:
+    """Whether every weight an edit touched is back to its base value (hash-checked), so the model can serve
+    the next job. An interrupted restore is the one way it is not."""
+    for name, digest in list(lm.warm.unverified.items()):
+        if weight_sha256(lm.model.get_parameter(name)) != digest:
+            return False
+        del lm.warm.unverified[name]
+    return True
+
+
 def run_job(
     lm: LoadedModel,
     spec: JobSpec,
@@ -161,6 +193,7 @@ def run_job(
     """
     if spec.layers and max(spec.layers) >= lm.num_layers:
         raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
+    check_lengths(lm, spec)
     context = RunContext(spec.budget.max_seconds, should_stop, progress)
     outcome = JobOutcome(spec, [], [], seconds=context.seconds)
     with running(context):
@@ -197,6 +230,7 @@ def _run_stages(
         before = read_probes(lm, probes, pre, lm.warm.readings)
         fluency = base_fluency(lm) if measure_fluency else None
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
+    lm.warm.unverified.update({f"{name}.weight": digest for name, digest in outcome.base_hashes.items()})
     snapshot = WeightSnapshot(lm, outcome.layers)
     try:
         with run.stage("edit", 0.5, f"editing layers {outcome.layers}"):

@@ -95,6 +95,8 @@ class WarmState:
     """The base model's `FluencyReading`."""
     weight_hashes: dict[str, str] = field(default_factory=dict)
     """Parameter name → sha256 of its base value: part of the statistics' disk-cache key."""
+    unverified: dict[str, str] = field(default_factory=dict)
+    """Parameter name → base sha256 of each weight an edit touched and nobody has checked since."""
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -112,3 +114,4 @@ class WarmState:
             cache.clear()
         self.fluency = None
         self.weight_hashes.clear()
+        self.unverified.clear()

@@ -24,6 +24,7 @@ from .jobs import COMMON, problems
 class ArtifactController(Controller):
     path = "/v1/jobs/{job_id:str}/artifacts"
     tags = ["artifacts"]
+    security = [{"ApiKey": []}]
     dependencies = {
         "store": Provide(provide_store, sync_to_thread=False),
         "artifacts": Provide(provide_artifacts, sync_to_thread=False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -21,25 +22,55 @@ from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec
 
 from .. import jobs
-from ..metrics import JOBS_SUBMITTED
+from ..metrics import JOBS_SUBMITTED, model_label
 from ..deps import provide_artifacts, provide_queue, provide_settings, provide_store
-from ..problems import PROBLEM_JSON, ArtifactNotFound
+from ..problems import PROBLEM_JSON, ArtifactNotFound, TooManyRequests
 from ..schemas import Event, EventList, Job, JobPage, Problem
 
 STREAM_LIFETIME_SECONDS = 3600
 """An SSE stream ends after this long; the client resumes with Last-Event-ID."""
+EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
+"""A Redis stream entry id, as the events carry them (Redis reads a bare number as NUMBER-0)."""
+
+
+class OpenStreams:
+    """Event streams open on this process, per tenant: the caps that keep SSE from holding every connection."""
+
+    def __init__(self) -> None:
+        self.by_tenant: Counter[str] = Counter()
+
+    def check(self, tenant: str, per_tenant: int, per_process: int) -> None:
+        if self.by_tenant[tenant] >= per_tenant:
+            raise TooManyRequests(f"tenant {tenant!r} already has {per_tenant} event streams open here", STREAM_RETRY)
+        if sum(self.by_tenant.values()) >= per_process:
+            raise TooManyRequests(f"this API process already serves {per_process} event streams", STREAM_RETRY)
+
+    async def counted(self, tenant: str, stream: AsyncIterator[ServerSentEventMessage]) -> AsyncIterator[ServerSentEventMessage]:
+        """`stream`, counted while it is being sent (a response never sent never counts)."""
+        self.by_tenant[tenant] += 1
+        try:
+            async for message in stream:
+                yield message
+        finally:
+            self.by_tenant[tenant] -= 1
+            if self.by_tenant[tenant] <= 0:
+                del self.by_tenant[tenant]
+
+
+STREAM_RETRY = 10
 
 
 def problems(*statuses: int) -> dict[int, ResponseSpec]:
-    return {s: ResponseSpec(Problem, description="Problem details (RFC 9457)", media_type=PROBLEM_JSON) for s in statuses}
+    return {s: ResponseSpec(Problem, description="Problem details (RFC 9457)", media_type=PROBLEM_JSON, generate_examples=False) for s in statuses}
 
 
-COMMON = (400, 401)
+COMMON = (400, 401, 503)
 
 
 class JobController(Controller):
     path = "/v1/jobs"
     tags = ["jobs"]
+    security = [{"ApiKey": []}]
     dependencies = {
         "store": Provide(provide_store, sync_to_thread=False),
         "queue": Provide(provide_queue, sync_to_thread=False),
@@ -47,7 +78,7 @@ class JobController(Controller):
         "settings": Provide(provide_settings, sync_to_thread=False),
     }
 
-    @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 404, 413, 422))
+    @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 403, 404, 413, 422, 429, 503))
     async def create_job(
         self,
         request: Request,
@@ -58,9 +89,9 @@ class JobController(Controller):
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
-        record, created = await jobs.submit(store, request.app.state.aredis, queue, request.user, data, idempotency_key, settings)
+        record, created = await jobs.submit(store, request.app.state.admit, queue, request.auth, data, idempotency_key, settings)
         if created:
-            JOBS_SUBMITTED.labels(record.model).inc()
+            JOBS_SUBMITTED.labels(model_label(record.model)).inc()
         return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
 
     @get("/", operation_id="ListJobs", sync_to_thread=True, responses=problems(*COMMON))
@@ -95,25 +126,33 @@ class JobController(Controller):
         request: Request,
         store: JobStore,
         job_id: str,
-        after: Annotated[str | None, Parameter(max_length=64, pattern=r"^[0-9]+-[0-9]+$")] = None,
+        after: Annotated[str | None, Parameter(max_length=64, pattern=EVENT_ID)] = None,
     ) -> EventList:
         """The job's status and progress events, oldest first."""
         jobs.get_job(store, request.user, job_id)
         return EventList([Event(i, t, d) for i, t, d in store.events(job_id, after or "-")])
 
-    @get("/{job_id:str}/events/stream", operation_id="StreamJobEvents", responses=problems(*COMMON, 404))
+    @get(
+        "/{job_id:str}/events/stream", operation_id="StreamJobEvents", media_type="text/event-stream",
+        responses=problems(*COMMON, 404, 429), response_description="Server-sent events: status, progress, done",
+    )
     async def stream_events(
         self,
         request: Request,
         store: JobStore,
         job_id: str,
-        last_event_id: Annotated[str | None, Parameter(header="Last-Event-ID", max_length=64)] = None,
+        settings: Settings,
+        last_event_id: Annotated[str, Parameter(header="Last-Event-ID", required=False, max_length=64, pattern=EVENT_ID)] = "0-0",
     ) -> ServerSentEvent:
-        """Server-sent events; ends after the terminal status. Resumes after `Last-Event-ID`."""
+        """Server-sent events; ends after the terminal status. Resumes after `Last-Event-ID`.
+
+        A tenant holds at most `HOPPATCH_STREAMS_PER_TENANT` streams per API process, and a process at most
+        `HOPPATCH_STREAMS_PER_PROCESS` (429 beyond)."""
         record = await asyncio.to_thread(jobs.get_job, store, request.user, job_id)
-        aredis = request.app.state.aredis
-        start = last_event_id if last_event_id and "-" in last_event_id else "0-0"
-        return ServerSentEvent(_event_stream(aredis, job_id, start, record.status.terminal))
+        streams: OpenStreams = request.app.state.streams
+        streams.check(request.user, settings.streams_per_tenant, settings.streams_per_process)
+        stream = _event_stream(request.app.state.stream_redis, job_id, last_event_id, record.status.terminal)
+        return ServerSentEvent(streams.counted(request.user, stream))
 
     @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404))
     def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: LocalArtifactStore) -> Response[dict[str, Any]]:

@@ -33,9 +33,9 @@ def client(settings):
 
 @pytest.fixture
 def key(redis_client):
-    return create_key(redis_client, "team-a")
+    return create_key(redis_client, "team-a")[1]
 
 
 @pytest.fixture
 def other_key(redis_client):
-    return create_key(redis_client, "team-b")
+    return create_key(redis_client, "team-b")[1]

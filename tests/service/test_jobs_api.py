@@ -4,7 +4,7 @@ import json
 
 from hoppatch.jobs import QUEUE_NAME
 from hoppatch.service import auth
-from hoppatch.service.auth import create_key, revoke_key
+from hoppatch.service.auth import create_key, revoke_keys
 
 from .conftest import EXAMPLES_FILE, job_body
 
@@ -44,9 +44,9 @@ def test_no_key_or_unknown_key_is_401(client):
 
 
 def test_a_revoked_key_is_trusted_for_the_cache_time_then_refused(client, redis_client, monkeypatch):
-    key = create_key(redis_client, "team-a")
+    record, key = create_key(redis_client, "team-a")
     assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
-    revoke_key(redis_client, key)
+    assert revoke_keys(redis_client, key_id=record.id) == [record]
     assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
     later = auth._clock() + auth.KEY_CACHE_SECONDS
     monkeypatch.setattr(auth, "_clock", lambda: later)

@@ -18,7 +18,7 @@ def _create(store: JobStore, tenant: str = "team-a") -> JobRecord:
         created_at=datetime.now(UTC), metadata={},
     )
     with store.redis.pipeline() as pipe:
-        store.create(record, b"{}", pipe)
+        store.creation_commands(record, b"{}", pipe)
         pipe.execute()
     return record
 
@@ -36,7 +36,18 @@ def test_terminal_states_never_change_and_every_transition_is_an_event(redis_cli
     kinds = [(kind, data.get("status") or data.get("stage")) for _, kind, data in store.events(job.id)]
     assert kinds == [("status", "queued"), ("status", "running"), ("progress", "edit"), ("status", "succeeded")]
     assert 0 < redis_client.ttl(f"hoppatch:job:{job.id}") <= 60
-    assert store.status_counts() == {"queued": 0, "running": 0, "succeeded": 1}
+    assert store.status_counts() == {"queued": 0, "running": 0, "cancelling": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+
+
+def test_counts_drop_as_ended_records_expire(redis_client):
+    store = JobStore(redis_client, retention_seconds=1)
+    ended = _create(store)
+    _create(store)
+    store.transition(ended.id, JobStatus.FAILED, {JobStatus.QUEUED})
+    assert store.status_counts()["failed"] == 1 and store.status_counts()["queued"] == 1
+    time.sleep(1.2)
+    assert redis_client.get(f"hoppatch:job:{ended.id}") is None
+    assert store.status_counts()["failed"] == 0 and store.status_counts()["queued"] == 1
 
 
 def test_a_running_job_without_a_heartbeat_is_reaped_as_worker_lost(redis_client):
@@ -52,6 +63,17 @@ def test_a_running_job_without_a_heartbeat_is_reaped_as_worker_lost(redis_client
     assert lost.status is JobStatus.FAILED and lost.error == JobError("worker_lost", lost.error.message)
     assert store.get(alive.id).status is JobStatus.RUNNING
     assert store.reap_lost() == []
+
+
+def test_a_queued_job_whose_queue_entry_is_gone_or_ended_is_reaped(redis_client):
+    store = JobStore(redis_client)
+    waiting, vanished, failed = _create(store), _create(store), _create(store)
+    redis_client.hset(f"rq:job:{waiting.id}", "status", "queued")
+    redis_client.hset(f"rq:job:{failed.id}", "status", "failed")
+    assert sorted(store.reap_lost()) == sorted([vanished.id, failed.id])
+    assert store.get(vanished.id).error.code == "worker_lost"
+    assert store.get(waiting.id).status is JobStatus.QUEUED
+    assert redis_client.scard("hoppatch:tenant:team-a:active") == 1
 
 
 def test_jobs_are_listed_per_tenant_newest_first(redis_client):

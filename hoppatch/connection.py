@@ -1,0 +1,49 @@
+"""The one way every process connects to Redis: timeouts, keepalive and retries that survive a restart.
+
+A URL may carry an ACL user and password (`redis://user:secret@host:6379/0`) and TLS (`rediss://…`, with
+`?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`); redis-py reads all of it from the URL.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+SOCKET_TIMEOUT = 5.0
+"""Seconds a command may take before the client gives up on the socket (a paused Redis must not hang us)."""
+CONNECT_TIMEOUT = 2.0
+RETRIES = 3
+"""Reconnects a command tries, backing off from 0.1 s to 1 s, before its error reaches the caller."""
+HEALTH_CHECK_SECONDS = 15
+"""An idle pooled connection is pinged before reuse after this long, so a restarted Redis is noticed."""
+
+_TRANSIENT = [redis.ConnectionError, redis.TimeoutError]
+
+
+def connect(url: str, *, max_connections: int | None = None) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_SECONDS,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES),
+        retry_on_error=_TRANSIENT,
+        max_connections=max_connections,
+    )
+
+
+def connect_async(url: str, *, socket_timeout: float = SOCKET_TIMEOUT) -> aioredis.Redis:
+    """The API's event-loop client; blocking reads (SSE) pass a longer `socket_timeout`."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_SECONDS,
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES),
+        retry_on_error=_TRANSIENT,
+    )
