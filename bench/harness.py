@@ -101,3 +101,28 @@ def tiny_job(model_dir: Path) -> dict:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+HOP1, HOP2 = "The creator of C. Auguste Dupin is", "The nationality of Edgar Allan Poe is"
+QUERY = "The nationality of the creator of C. Auguste Dupin is"
+
+
+def failing_tiny_job(work: Path) -> dict:
+    """A tiny random LLaMA that answers both hops one way and the composed query another, saved under the
+    model roots, and that example: a job on it runs every stage (patching included) in about a second."""
+    sys.path.insert(0, str(ROOT))
+    from hoppatch.engine.answers import greedy_answers
+    from hoppatch.engine.tiny_models import tiny_model
+
+    for seed in range(50):
+        lm = tiny_model("llama", seed=seed)
+        hop1, hop2, query = greedy_answers(lm, [HOP1, HOP2, QUERY], max_new_tokens=1)
+        if query != hop2:
+            break
+    else:
+        raise RuntimeError("no tiny model fails the composed query")
+    target = work / "models" / "tiny-failing"
+    lm.model.save_pretrained(target)
+    lm.tokenizer.save_pretrained(target)
+    example = {"id": "tiny", "query": QUERY, "answer": hop2, "hop1": {"prompt": HOP1, "answer": hop1}, "hop2": {"prompt": HOP2, "answer": hop2}}
+    return {"model": str(target), "examples": [example]}

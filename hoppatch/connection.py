@@ -16,11 +16,12 @@ SOCKET_TIMEOUT = 5.0
 """Seconds a command may take before the client gives up on the socket (a paused Redis must not hang us)."""
 CONNECT_TIMEOUT = 2.0
 RETRIES = 3
-"""Reconnects a command tries, backing off from 0.1 s to 1 s, before its error reaches the caller."""
+"""Reconnects a command tries, backing off from 0.1 s to 1 s, before its error reaches the caller. Only
+refused or dropped connections are retried: a timed-out command (a paused Redis) fails after one timeout."""
 HEALTH_CHECK_SECONDS = 15
 """An idle pooled connection is pinged before reuse after this long, so a restarted Redis is noticed."""
 
-_TRANSIENT = [redis.ConnectionError, redis.TimeoutError]
+_TRANSIENT = (redis.ConnectionError,)
 
 
 def connect(url: str, *, max_connections: int | None = None) -> redis.Redis:
@@ -30,8 +31,7 @@ def connect(url: str, *, max_connections: int | None = None) -> redis.Redis:
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_SECONDS,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES),
-        retry_on_error=_TRANSIENT,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT),
         max_connections=max_connections,
     )
 
@@ -44,6 +44,5 @@ def connect_async(url: str, *, socket_timeout: float = SOCKET_TIMEOUT) -> aiored
         socket_connect_timeout=CONNECT_TIMEOUT,
         socket_keepalive=True,
         health_check_interval=HEALTH_CHECK_SECONDS,
-        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES),
-        retry_on_error=_TRANSIENT,
+        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT),
     )

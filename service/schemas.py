@@ -36,6 +36,8 @@ class Job(Struct):
     error: JobError | None
     result: JobResult | None
     urls: JobUrls
+    worker: str | None = None
+    """The worker process that ran (or runs) the job."""
     object: str = "job"
 
     @classmethod
@@ -45,6 +47,7 @@ class Job(Struct):
         return cls(
             record.id, record.status, record.model, record.num_examples, record.budget, record.metadata,
             record.created_at, record.started_at, record.finished_at, record.progress, record.error, record.result, urls,
+            record.worker,
         )
 
 
