@@ -109,6 +109,10 @@ def tenant_active_key(tenant: str) -> str:
     return f"{PREFIX}:tenant:{tenant}:active"
 
 
+NO_IDEMPOTENCY_KEY = f"{PREFIX}:idem:none"
+"""Stands in for the idempotency key of a request without one (a script's keys may not be empty: ACLs)."""
+
+
 def tenant_bucket_key(tenant: str) -> str:
     """The tenant's submission token bucket: tokens left and when they were counted."""
     return f"{PREFIX}:tenant:{tenant}:bucket"
@@ -159,10 +163,11 @@ class Limits(Struct, frozen=True):
 
 
 SUBMIT_SCRIPT = """
--- KEYS: idempotency key ('' when none), tenant's active set, RQ queue list, tenant's bucket, job key
--- ARGV: idempotency value, active limit, queue cap, rate, burst, idempotency TTL, then the job's writes,
+-- KEYS: idempotency key (unused when ARGV[7] is '0'), tenant's active set, RQ queue list, tenant's bucket, job key
+-- ARGV: idempotency value, active limit, queue cap, rate, burst, idempotency TTL, '1' if idempotent, then the job's writes,
 --       each as its argument count followed by its arguments
-if KEYS[1] ~= '' then
+local idempotent = ARGV[7] == '1'
+if idempotent then
   local existing = redis.call('GET', KEYS[1])
   if existing then return {'existing', existing} end
 end
@@ -180,8 +185,8 @@ if rate > 0 then
   redis.call('HSET', KEYS[4], 'tokens', tostring(tokens - 1), 'at', tostring(moment))
   redis.call('EXPIRE', KEYS[4], math.ceil(burst / rate) + 1)
 end
-if KEYS[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[6]) end
-local i = 7
+if idempotent then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[6]) end
+local i = 8
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))

@@ -44,6 +44,10 @@ class Settings:
     """Open event streams one tenant may hold on one API process."""
     streams_per_process: int = field(default_factory=lambda: int(_env("HOPPATCH_STREAMS_PER_PROCESS", "256")))
     """Open event streams one API process holds, all tenants together."""
+    warm_cache_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_WARM_CACHE_MIB", "1408")) << 20)
+    """Bytes each warm model's caches (readings, locate rows, keys, statistics) may hold together."""
+    statistics_disk_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_STATISTICS_DISK_MIB", "4096")) << 20)
+    """Bytes the on-disk cache of preserved-key statistics may hold; least recently used files go first."""
     model_cache_size: int = field(default_factory=lambda: int(_env("HOPPATCH_MODEL_CACHE_SIZE", "1")))
     """Models each worker keeps warm."""
     worker_metrics_port: int = field(default_factory=lambda: int(_env("HOPPATCH_WORKER_METRICS_PORT", "9101")))

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Start a private redis-server for the demo or the tests: `scripts/redis.sh PORT DIR` (AOF on, noeviction).
+# Start a private redis-server for the demo or the tests: `scripts/redis.sh PORT DIR` (AOF fsynced on every write, noeviction).
 set -euo pipefail
 port=$1 dir=$2
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)  # redis-server resolves paths after it changes into --dir
-redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync everysec \
+redis-server --port "$port" --bind 127.0.0.1 --dir "$dir" --appendonly yes --appendfsync always \
   --maxmemory-policy noeviction --save "" --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log"
 for _ in $(seq 50); do
   redis-cli -p "$port" ping >/dev/null 2>&1 && exit 0

@@ -12,7 +12,7 @@ from redis.commands.core import AsyncScript
 from rq import Queue
 
 from hoppatch.jobs import (
-    RQ_QUEUE_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
+    NO_IDEMPOTENCY_KEY, RQ_QUEUE_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
     job_key, new_job_id, now, tenant_active_key, tenant_bucket_key,
 )
 from hoppatch.settings import Settings
@@ -80,9 +80,9 @@ async def submit(
     )
     store.creation_commands(record, spec_json, staged)
     quota = limits(settings)
-    claim = idempotency_key(tenant, idempotency) if idempotency else ""
+    claim = idempotency_key(tenant, idempotency) if idempotency else NO_IDEMPOTENCY_KEY
     keys = [claim, tenant_active_key(tenant), RQ_QUEUE_KEY, tenant_bucket_key(tenant), job_key(job_id)]
-    args = [f"{job_id} {digest}", quota.tenant_active, quota.queue_cap, quota.rate, quota.burst, IDEMPOTENCY_TTL]
+    args = [f"{job_id} {digest}", quota.tenant_active, quota.queue_cap, quota.rate, quota.burst, IDEMPOTENCY_TTL, int(bool(idempotency))]
     verdict, detail = await admit(keys=keys, args=[*args, *flatten_commands(staged)])
     match verdict.decode():
         case "created":

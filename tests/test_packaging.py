@@ -32,9 +32,24 @@ def test_entry_points_exist(command):
     assert "Usage" in done.stdout
 
 
-def test_compose_runs_redis_durably():
-    redis = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["redis"]["command"]
-    assert "--appendonly" in redis and "noeviction" in redis
+def test_compose_runs_redis_durably_bounded_and_behind_a_password():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    redis = services["redis"]["command"]
+    for setting in ("--appendonly yes", "--appendfsync always", "--maxmemory ", "noeviction", "--requirepass"):
+        assert setting in redis
+    for name in ("redis", "api", "worker"):
+        assert services[name]["restart"] == "unless-stopped" and services[name]["healthcheck"]["test"]
+    assert services["api"]["environment"]["HOPPATCH_REDIS_URL"].startswith("redis://:${HOPPATCH_REDIS_PASSWORD")
+
+
+def test_images_are_pinned_and_the_service_runs_as_a_user():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    images = re.findall(r"^FROM (\S+)", dockerfile, re.M) + [s["image"] for s in compose["services"].values() if "image" in s]
+    for image in images:
+        assert re.search(r":v?\d+\.\d+\.\d+", image), f"{image} is not pinned to a release"
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
+    assert "-c constraints.txt" in dockerfile
 
 
 def test_readme_starts_with_the_two_commands():

@@ -1,6 +1,12 @@
 """The worker's Prometheus metrics, served by each worker process on its own port."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from hoppatch.engine.warm import WarmState
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -14,3 +20,31 @@ MODEL_LOAD_SECONDS = Histogram("hoppatch_worker_model_load_seconds", "Time to lo
 MODELS_WARM = Gauge("hoppatch_worker_models_warm", "Models held in this worker's cache.")
 BUSY = Gauge("hoppatch_worker_busy", "1 while this worker runs a job.")
 MODEL_RELOADS = Counter("hoppatch_worker_model_reloads_total", "Models dropped because a job left their weights off base.")
+
+
+class WarmCacheCollector(Collector):
+    """Bytes held, budget and evictions of each warm cache, summed over the worker's warm models."""
+
+    def __init__(self, warm_states: Callable[[], Iterable[WarmState]]):
+        self.warm_states = warm_states
+
+    def collect(self):
+        held = GaugeMetricFamily("hoppatch_worker_warm_cache_bytes", "Bytes a warm cache holds.", labels=["cache"])
+        budget = GaugeMetricFamily("hoppatch_worker_warm_cache_budget_bytes", "Bytes a warm cache may hold.", labels=["cache"])
+        evicted = CounterMetricFamily("hoppatch_worker_warm_cache_evictions", "Entries evicted to stay within budget.", labels=["cache"])
+        totals: dict[str, list[int]] = {}
+        for state in self.warm_states():
+            for cache in state.caches():
+                row = totals.setdefault(cache.name, [0, 0, 0])
+                row[0] += cache.bytes
+                row[1] += cache.budget
+                row[2] += cache.evictions
+        for name, (size, limit, evictions) in sorted(totals.items()):
+            held.add_metric([name], size)
+            budget.add_metric([name], limit)
+            evicted.add_metric([name], evictions)
+        yield from (held, budget, evicted)
+
+
+def watch_warm_caches(warm_states: Callable[[], Iterable[WarmState]]) -> None:
+    REGISTRY.register(WarmCacheCollector(warm_states))

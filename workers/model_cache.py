@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hoppatch.engine.models import LoadedModel, load_model, resolve_model_path
+from hoppatch.engine.warm import WarmBudget, WarmState
 from .metrics import MODEL_CACHE, MODEL_LOAD_SECONDS, MODELS_WARM
 
 
@@ -19,7 +20,9 @@ class ModelCache:
         model_roots: list[Path] | None = None,
         device: str | None = None,
         loader: Callable[..., LoadedModel] = load_model,
+        warm_budget: WarmBudget | None = None,
     ):
+        self.warm_budget = warm_budget or WarmBudget()
         self.device = device
         self.capacity = capacity
         self.model_roots = model_roots
@@ -38,6 +41,7 @@ class ModelCache:
             gc.collect()
         started = time.perf_counter()
         lm = self._loader(ref, model_roots=self.model_roots, device=self.device)
+        lm.warm = WarmState(self.warm_budget)
         MODEL_LOAD_SECONDS.observe(time.perf_counter() - started)
         self._models[ref] = lm
         MODELS_WARM.set(len(self._models))
@@ -51,6 +55,10 @@ class ModelCache:
         if self._models.pop(ref, None) is not None:
             gc.collect()
         MODELS_WARM.set(len(self._models))
+
+    def warm_states(self) -> list[WarmState]:
+        """Each warm model's caches, for the worker's metrics."""
+        return [lm.warm for lm in self._models.values()]
 
     def __contains__(self, ref: str) -> bool:
         return ref in self._models

@@ -17,7 +17,7 @@ import redis
 
 from hoppatch.artifacts import ArtifactStore
 from hoppatch.engine.errors import Cancelled, EngineError
-from hoppatch.engine.pipeline import base_weights_intact, patch
+from hoppatch.engine.pipeline import base_weights_intact, patch, trim_statistics_cache
 from hoppatch.jobs import JobError, JobResult, JobStatus, JobStore, now
 from hoppatch.spec import JobSpec
 
@@ -38,6 +38,7 @@ class WorkerContext:
     models: ModelCache
     heartbeat_timeout: float
     name: str
+    statistics_disk_bytes: int
 
 
 _worker: WorkerContext | None = None
@@ -97,6 +98,7 @@ def run_edit_job(job_id: str) -> str:
         metrics.BUSY.set(0)
         metrics.JOB_SECONDS.observe(time.perf_counter() - started)
         _check_model(_worker.models, spec.model)
+        trim_statistics_cache(_worker.statistics_disk_bytes)
     metrics.JOBS.labels(outcome).inc()
     return outcome
 

@@ -24,10 +24,11 @@ from rq.serializers import JSONSerializer
 
 from hoppatch.artifacts import LocalArtifactStore
 from hoppatch.connection import connect
+from hoppatch.engine.warm import WarmBudget
 from hoppatch.jobs import QUEUE_NAME, JobStore
 from hoppatch.settings import Settings
 
-from . import tasks
+from . import metrics, tasks
 from .model_cache import ModelCache
 
 log = logging.getLogger("hoppatch.worker")
@@ -50,9 +51,14 @@ def run_worker(settings: Settings, burst: bool = False, preload: str | None = No
     """Serve jobs until stopped (or, with `burst`, until the queue is empty)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = JobStore(connect(settings.redis_url), settings.retention_seconds)
-    models = ModelCache(settings.model_cache_size, list(settings.model_roots), settings.device)
+    models = ModelCache(
+        settings.model_cache_size, list(settings.model_roots), settings.device, warm_budget=WarmBudget.within(settings.warm_cache_bytes)
+    )
     name = f"hoppatch-{socket.gethostname()}-{os.getpid()}"
-    tasks.configure(tasks.WorkerContext(store, LocalArtifactStore(settings.artifact_dir), models, settings.heartbeat_timeout, name))
+    tasks.configure(tasks.WorkerContext(
+        store, LocalArtifactStore(settings.artifact_dir), models, settings.heartbeat_timeout, name, settings.statistics_disk_bytes
+    ))
+    metrics.watch_warm_caches(models.warm_states)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)

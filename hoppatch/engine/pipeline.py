@@ -102,6 +102,7 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
         if stats is None:
             directory = _statistics_dir(lm, layer, prompts_id)
             if (directory / "statistics.safetensors").exists():
+                os.utime(directory / "statistics.safetensors")  # recently used: trimmed last
                 tensors = load_file(str(directory / "statistics.safetensors"), device=str(lm.device))
                 stats = KeyStatistics(tensors["last"], tensors["moment"])
             else:
@@ -119,6 +120,27 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
         stats.base_factor(config)  # computed before it is sized and kept
         lm.warm.key_statistics.put((prompts_id, layer), stats)
     return {layer: found[layer] for layer in layers}
+
+
+def trim_statistics_cache(budget: int) -> list[Path]:
+    """Delete the least recently used statistics files until the disk cache holds at most `budget` bytes."""
+    files = []
+    for path in (cache_root() / "preserved-keys").rglob("statistics.safetensors"):
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # another worker sharing the cache trimmed it
+            continue
+        files.append((info.st_mtime, info.st_size, path))
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in files:
+        if total <= budget:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed
 
 
 def _statistics_dir(lm: LoadedModel, layer: int, prompts_id: str) -> Path:

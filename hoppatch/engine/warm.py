@@ -72,6 +72,19 @@ class WarmBudget:
     key_statistics: int = 1024 * MiB
 
 
+    @classmethod
+    def within(cls, total: int) -> WarmBudget:
+        """The default split, scaled so that every cache together holds at most `total` bytes."""
+        default = cls()
+        whole = default.readings + default.locate_rows + default.counterfactual_keys + default.key_statistics
+        share = lambda part: max(1, part * total // whole)  # noqa: E731
+        return cls(share(default.readings), share(default.locate_rows), share(default.counterfactual_keys), share(default.key_statistics))
+
+    @property
+    def total(self) -> int:
+        return self.readings + self.locate_rows + self.counterfactual_keys + self.key_statistics
+
+
 READING_BYTES = 2048
 """An estimate of one diagnosis or probe reading on the host (a few floats, strings and token ids)."""
 

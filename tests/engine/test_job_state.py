@@ -163,3 +163,56 @@ def test_report_titles_render_a_query_literally(tmp_path):
     curve = LensCurve([0.1, 0.2], [3, 2], [0.1, 0.3], [4, 1])
     plot_example(tmp_path / "plot.png", r"The price of $\foo$ is", curve, [0.1, 0.2], [1])  # as mathtext: an unknown symbol
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_a_prompt_past_the_models_context_fails_as_invalid_input_before_any_pass(tiny, monkeypatch):
+    from hoppatch.engine import pipeline
+    from hoppatch.engine.errors import InvalidJob
+
+    example = TwoHopExample(id="a", query=QUERY, answer="America", hop1=Hop("The creator is", "Poe"), hop2=Hop("Poe is", "America"))
+    limit = tiny.context_length
+    spec = JobSpec(model="tiny", examples=[example], preamble="word " * limit)
+    monkeypatch.setattr(pipeline, "diagnose", lambda *a: pytest.fail("a forward pass ran"))
+    with pytest.raises(InvalidJob, match=f"takes {limit}") as failure:
+        pipeline.run_job(tiny, spec)
+    assert failure.value.code == "invalid_input"
+
+
+def test_an_interrupted_restore_is_caught_by_the_weight_hashes(tiny):
+    from hoppatch.engine.delta import weight_sha256
+    from hoppatch.engine.pipeline import base_weights_intact
+
+    name = f"{tiny.attn_out_name(1)}.weight"
+    tiny.warm.unverified[name] = weight_sha256(tiny.attn_out(1).weight)
+    assert base_weights_intact(tiny) and not tiny.warm.unverified  # verified once, then forgotten
+    tiny.warm.unverified[name] = weight_sha256(tiny.attn_out(1).weight)
+    with torch.no_grad():
+        tiny.attn_out(1).weight.add_(1e-3)  # an edit left in place
+    assert not base_weights_intact(tiny)
+
+
+def test_the_statistics_disk_cache_is_trimmed_least_recently_used_first(tmp_path, monkeypatch):
+    import os
+
+    from hoppatch.engine.pipeline import trim_statistics_cache
+
+    monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
+    files = []
+    for age, name in enumerate(["new", "middle", "old"]):
+        path = tmp_path / "preserved-keys" / name / "statistics.safetensors"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+        files.append(path)
+    assert trim_statistics_cache(2500) == [files[2]]
+    assert trim_statistics_cache(1000) == [files[1]]
+    assert [p.exists() for p in files] == [True, False, False]
+
+
+def test_the_warm_budget_splits_a_total_across_the_caches():
+    from hoppatch.engine.warm import WarmBudget, WarmState
+
+    budget = WarmBudget.within(100 << 20)
+    assert 99 << 20 <= budget.total <= 100 << 20
+    state = WarmState(budget)
+    assert sum(cache.budget for cache in state.caches()) <= budget.total
