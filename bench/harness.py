@@ -41,14 +41,20 @@ def environment(redis_url: str, work: Path, **extra: str) -> dict[str, str]:
         "HOPPATCH_ARTIFACT_DIR": str(work / "artifacts"),
         "HOPPATCH_MODEL_ROOTS": str(work / "models"),
         "HOPPATCH_WORKER_METRICS_PORT": "0",
+        # every quota is checked on each submission, with limits a benchmark's load never reaches
+        "HOPPATCH_TENANT_MAX_ACTIVE": "100000000",
+        "HOPPATCH_TENANT_RATE": "1000000",
+        "HOPPATCH_TENANT_BURST": "100000000",
+        "HOPPATCH_QUEUE_CAP": "100000000",
         **extra,
     }
 
 
 @contextmanager
-def api_server(env: dict[str, str]):
+def api_server(env: dict[str, str], processes: int = 1):
     port = free_port()
-    proc = subprocess.Popen([*HOPPATCH, "serve", "--port", str(port)], env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
+    command = [*HOPPATCH, "serve", "--port", str(port), "--processes", str(processes)]
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):

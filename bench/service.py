@@ -1,9 +1,10 @@
-"""Service benchmark: POST /v1/jobs throughput and latency against the real API and Redis, and the
-end-to-end latency of a job through the queue (tiny model), so the queue's overhead is visible.
+"""Service benchmark: POST /v1/jobs throughput and latency against the real API and Redis, beside the bare
+stack in the same run (bench/bare_app.py: same uvicorn, Redis, body and connections), with 1 and 2 API
+processes; and the end-to-end latency of a job through the queue (tiny model).
 
     .venv/bin/python bench/service.py [--requests 4000] [--connections 16]
 
-Load: wrk (Debian package) when installed, else an asyncio client in a second process. Auth, validation,
+Load: wrk (Debian package `wrk`) when installed, else an asyncio client in a second process. Auth, validation,
 idempotency-key handling and metrics are all on. Loopback only; the request count is bounded.
 """
 
@@ -12,18 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import api_server, environment, percentile, redis_server, tiny_job, tiny_model_dir, workers  # noqa: E402
+from bench.harness import ROOT, api_server, environment, free_port, percentile, redis_server, tiny_job, tiny_model_dir, workers  # noqa: E402
 from hoppatch.service.auth import create_key  # noqa: E402
 
 WRK_SCRIPT = """
@@ -106,31 +109,68 @@ def job_latency(url: str, body: dict, key: str, runs: int) -> dict:
     return {"runs": runs, "p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99), "final_status": job["status"], "error": job["error"]}
 
 
+@contextmanager
+def bare_server(redis_url: str):
+    """bench/bare_app.py on one uvicorn process (httptools, uvloop), against the same Redis."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port), "--http", "httptools",
+               "--loop", "uvloop", "--log-level", "warning"]
+    proc = subprocess.Popen(command, env={**os.environ, "BARE_REDIS_URL": redis_url}, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(f"{url}/schema/openapi.json")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _wait_for(url: str) -> None:
+    for _ in range(200):
+        try:
+            httpx.get(url)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+
+
+def measure(url: str, body: dict, key: str, args: argparse.Namespace) -> dict:
+    if shutil.which("wrk"):
+        return run_wrk(url, body, key, args.connections, args.seconds)
+    return asyncio.run(_load(url, body, key, args.connections, args.requests))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=4000)
+    parser.add_argument("--requests", type=int, default=4000, help="without wrk: requests per measurement")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--seconds", type=int, default=10, help="wrk duration")
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per measurement")
     parser.add_argument("--json", default="bench/results/service.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hoppatch-bench-"))
     model_dir = tiny_model_dir(work)
     body = tiny_job(model_dir)
+    result: dict = {"cores": os.cpu_count(), "connections": args.connections}
     with redis_server() as redis_url:
         key = create_key(redis.Redis.from_url(redis_url), "bench")[1]
         env = environment(redis_url, work)
-        with api_server(env) as url:
-            if shutil.which("wrk"):
-                submit = run_wrk(url, body, key, args.connections, args.seconds)
-            else:
-                submit = asyncio.run(_load(url, body, key, args.connections, args.requests))
+        with bare_server(redis_url) as url:
+            result["bare"] = measure(url, body, key, args)
+        for processes in (1, 2):
+            with api_server(env, processes) as url:
+                result[f"api_{processes}"] = measure(url, body, key, args)
             redis.Redis.from_url(redis_url).delete("rq:queue:hoppatch")  # the load's jobs are not for running
-            with workers(env, 1):
-                time.sleep(8)  # the worker starts and imports torch
-                queue = job_latency(url, body, key, 20)
-    result = {"submit": {k: v for k, v in submit.items() if k != "raw"}, "job_through_queue": queue}
-    print(f"POST /v1/jobs ({submit['tool']}, {args.connections} connections): {submit['requests_per_second']:.0f} req/s, "
-          f"p50 {submit['p50_ms']:.1f} ms, p99 {submit['p99_ms']:.1f} ms, non-2xx {submit.get('non_2xx', 0)}")
+        with api_server(env) as url, workers(env, 1):
+            time.sleep(8)  # the worker starts and imports torch
+            result["job_through_queue"] = job_latency(url, body, key, 20)
+    for name in ("bare", "api_1", "api_2"):
+        r = result[name]
+        print(f"{name:6} POST /v1/jobs ({r['tool']}, {args.connections} connections): {r['requests_per_second']:.0f} req/s, "
+              f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, non-2xx {r.get('non_2xx', 0)}")
+        r.pop("raw", None)
+    result["ratio_api_1_to_bare"] = round(result["api_1"]["requests_per_second"] / result["bare"]["requests_per_second"], 3)
+    print(f"hoppatch (1 process) / bare stack: {result['ratio_api_1_to_bare']:.2f}  ({os.cpu_count()} cores)")
+    queue = result["job_through_queue"]
     print(f"tiny-model job submit→terminal: p50 {queue['p50_ms']:.0f} ms, p99 {queue['p99_ms']:.0f} ms "
           f"(ends {queue['final_status']}: {queue['error']['code'] if queue['error'] else ''})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

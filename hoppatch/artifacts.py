@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 
-from hoppatch.jobs import Artifact, JobStore, job_key
+from hoppatch.jobs import Artifact, JobStore
 
 _MEDIA_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json", ".png": "image/png"}
 
@@ -75,15 +75,7 @@ def sweep_artifacts(store: JobStore, artifacts: LocalArtifactStore) -> list[str]
     if not artifacts.root.is_dir():
         return []
     job_ids = [p.name for p in artifacts.root.iterdir() if p.is_dir() and p.name.startswith("job_")]
-    swept = []
-    for start in range(0, len(job_ids), 500):
-        chunk = job_ids[start : start + 500]
-        with store.redis.pipeline(transaction=False) as pipe:
-            for job_id in chunk:
-                pipe.exists(job_key(job_id))
-            alive = pipe.execute()
-        for job_id, exists in zip(chunk, alive):
-            if not exists:
-                artifacts.delete(job_id)
-                swept.append(job_id)
+    swept = [job_id for job_id, exists in zip(job_ids, store.existing(job_ids)) if not exists]
+    for job_id in swept:
+        artifacts.delete(job_id)
     return swept

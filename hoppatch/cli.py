@@ -130,13 +130,13 @@ def import_mquake_cmd(
 def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
+    processes: Annotated[int, typer.Option(min=1, help="uvicorn worker processes sharing the port")] = 1,
 ) -> None:
     """Run the HTTP API (Litestar on uvicorn)."""
     import uvicorn
 
-    from hoppatch.service.app import create_app
-
-    uvicorn.run(create_app(), host=host, port=port, log_level="warning")
+    app = "hoppatch.service.app:create_app"
+    uvicorn.run(app, factory=True, host=host, port=port, workers=processes, log_level="warning")
 
 
 @app.command()

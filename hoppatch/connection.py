@@ -24,25 +24,21 @@ HEALTH_CHECK_SECONDS = 15
 _TRANSIENT = (redis.ConnectionError,)
 
 
+def _common(socket_timeout: float) -> dict:
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": HEALTH_CHECK_SECONDS,
+    }
+
+
 def connect(url: str, *, max_connections: int | None = None) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_SECONDS,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT),
-        max_connections=max_connections,
-    )
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT)
+    return redis.Redis.from_url(url, retry=retry, max_connections=max_connections, **_common(SOCKET_TIMEOUT))
 
 
 def connect_async(url: str, *, socket_timeout: float = SOCKET_TIMEOUT) -> aioredis.Redis:
     """The API's event-loop client; blocking reads (SSE) pass a longer `socket_timeout`."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        health_check_interval=HEALTH_CHECK_SECONDS,
-        retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT),
-    )
+    retry = AsyncRetry(ExponentialBackoff(cap=1.0, base=0.1), RETRIES, supported_errors=_TRANSIENT)
+    return aioredis.Redis.from_url(url, retry=retry, **_common(socket_timeout))

@@ -373,6 +373,16 @@ class JobStore:
                     orphans.append(job_id)
         return orphans
 
+    def existing(self, job_ids: list[str]) -> list[bool]:
+        """Whether each job still has a record (ended ones expire after the retention)."""
+        found: list[bool] = []
+        for start in range(0, len(job_ids), 500):
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in job_ids[start : start + 500]:
+                    pipe.exists(job_key(job_id))
+                found += [bool(n) for n in pipe.execute()]
+        return found
+
     def status_counts(self) -> dict[str, int]:
         """Jobs per status: those not ended, and the ended ones whose record has not expired yet."""
         moment = time.time()
