@@ -36,6 +36,8 @@ from hoppatch.connection import SOCKET_TIMEOUT  # noqa: E402
 TERMINAL = {"succeeded", "failed", "cancelled"}
 OUTAGE_SECONDS = 2.0
 """How long redis-server stays down after its SIGKILL, probed by a client meanwhile."""
+WARM_CACHE_MIB = 16
+"""A warm budget the soak's warm-up fills with tiny-model entries, so that what follows shows it holding."""
 HEARTBEAT_TIMEOUT = 10.0
 """Short, so a killed worker's job is reaped within the step; still twice the Redis pause below."""
 
@@ -349,7 +351,8 @@ def soak(cluster: Cluster, keys: dict[str, str], body: dict, scale: Scale) -> St
     warm = rss[scale.soak_sample_at - 1]
     return report("soak", cluster, seen, len(key_of), key_of, started, [name], 120,
                   rss_mib_at_sample=warm, rss_mib_at_end=rss[-1], rss_growth=round(rss[-1] / warm - 1, 4),
-                  sample_at=scale.soak_sample_at, rss_mib_max_after_sample=max(rss[scale.soak_sample_at - 1 :]))
+                  sample_at=scale.soak_sample_at, rss_mib_max_after_sample=max(rss[scale.soak_sample_at - 1 :]),
+                  warm_cache_budget_mib=WARM_CACHE_MIB, rss_mib_every_25=rss[24::25])
 
 
 def _rss_mib(pid: int) -> float:
@@ -386,7 +389,7 @@ def run_steps(scale: Scale, work: Path, steps: tuple[str, ...] = ("burst", "kill
         "HOPPATCH_MODEL_ROOTS": str(work / "models"), "HOPPATCH_WORKER_METRICS_PORT": "0",
         "HOPPATCH_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT), "HOPPATCH_CACHE": str(work / "cache"),
         "HOPPATCH_TENANT_MAX_ACTIVE": str(scale.tenant_max_active), "HOPPATCH_TENANT_RATE": "0",
-        "OMP_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1", "HOPPATCH_WARM_CACHE_MIB": str(WARM_CACHE_MIB),
     }
     cluster = Cluster(work, server, env)
     reports = []

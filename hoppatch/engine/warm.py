@@ -23,8 +23,14 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+ENTRY_BYTES = 512
+"""What one entry costs besides its value's own bytes: its key (prompt strings), the tensor's header, the
+map's slot. Counted so that a cache of many small entries stays within its budget too."""
+
+
 class ByteLru(Generic[K, V]):
-    """A least-recently-used map whose values' sizes (`size_of`) add up to at most `budget` bytes."""
+    """A least-recently-used map whose entries (`size_of` each, plus `ENTRY_BYTES`) add up to at most
+    `budget` bytes."""
 
     def __init__(self, name: str, budget: int, size_of: Callable[[V], int]):
         self.name, self.budget, self._size_of = name, budget, size_of
@@ -46,7 +52,7 @@ class ByteLru(Generic[K, V]):
         return entry[0]
 
     def put(self, key: K, value: V) -> V:
-        size = self._size_of(value)
+        size = self._size_of(value) + ENTRY_BYTES
         if key in self._entries:
             self.bytes -= self._entries.pop(key)[1]
         self._entries[key] = (value, size)

@@ -13,7 +13,7 @@ from hoppatch.engine.lens import first_token
 from hoppatch.engine.pipeline import prepare_edit, preserved_prompts
 from hoppatch.engine.tracing import record_attn_out
 from hoppatch.engine.unrelated import counterfactual_queries, preserve_prompts
-from hoppatch.engine.warm import ByteLru
+from hoppatch.engine.warm import ENTRY_BYTES, ByteLru
 from hoppatch.spec import Hop, JobSpec, LabeledQuery, TwoHopExample, read_examples
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
@@ -21,15 +21,23 @@ OTHER = "The capital of the country that Poe was born in is"
 
 
 def test_byte_lru_evicts_the_least_recently_used_within_its_budget():
-    cache: ByteLru[str, int] = ByteLru("test", budget=10, size_of=lambda v: v)
+    entry = ENTRY_BYTES  # every entry's own cost, besides its value
+    cache: ByteLru[str, int] = ByteLru("test", budget=2 * entry + 10, size_of=lambda v: v)
     cache.put("a", 4)
     cache.put("b", 4)
     assert cache.get("a") == 4  # a is now the most recent
     cache.put("c", 4)
     assert "b" not in cache and "a" in cache and "c" in cache
-    assert cache.bytes == 8 and cache.evictions == 1
-    cache.put("huge", 50)  # larger than the budget: kept alone
-    assert len(cache) == 1 and cache.bytes == 50 and cache.evictions == 3
+    assert cache.bytes == 2 * entry + 8 and cache.evictions == 1
+    cache.put("huge", 5000)  # larger than the budget: kept alone
+    assert len(cache) == 1 and cache.bytes == entry + 5000 and cache.evictions == 3
+
+
+def test_many_small_entries_are_held_to_the_budget_by_their_entry_cost():
+    cache: ByteLru[int, int] = ByteLru("test", budget=100 * ENTRY_BYTES, size_of=lambda v: 0)
+    for key in range(1000):
+        cache.put(key, key)
+    assert len(cache) == 100 and cache.bytes <= cache.budget
 
 
 def test_checkpoints_stop_a_cancelled_or_late_job_and_pass_outside_one():
