@@ -191,9 +191,17 @@ def names_directory(ref: str) -> bool:
     if is_local_path(ref):
         return True
     try:
-        return Path(ref).expanduser().is_dir()
-    except OSError:  # a name too long for the file system, say: not a directory then
+        return local_path(ref).is_dir()
+    except (OSError, ModelRefError):  # a name too long for the file system, say: not a directory then
         return False
+
+
+def local_path(ref: str) -> Path:
+    """A directory reference as an absolute path (`~` and `~user` expanded)."""
+    try:
+        return Path(ref).expanduser().resolve()
+    except RuntimeError:  # `~user` of a user this machine does not have
+        raise ModelRefError(f"model directory {ref!r}: no such home directory") from None
 
 
 def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
@@ -204,7 +212,7 @@ def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
             raise ModelRefError(f"unknown built-in model {ref!r}; known: {', '.join(BUILTIN_MODELS)}")
         return
     if names_directory(ref):
-        resolved = Path(ref).expanduser().resolve()
+        resolved = local_path(ref)
         if model_roots is not None and not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
             raise ModelRefError(f"model directory {ref!r} is outside the configured model roots")
         return

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hoppatch.spec import ModelRefError, check_model_ref, names_directory
+from hoppatch.spec import ModelRefError, check_model_ref, local_path, names_directory
 
 from .errors import ModelNotFound, UnsupportedArchitecture
 from .warm import WarmState
@@ -210,7 +210,7 @@ def resolve_model_path(ref: str, model_roots: list[Path] | None = None) -> str:
     if ref in BUILTINS:
         return str(builtin_model_dir(ref))
     if names_directory(ref):
-        resolved = Path(ref).expanduser().resolve()
+        resolved = local_path(ref)
         if not (resolved / "config.json").is_file():
             raise ModelNotFound(f"{ref!r} is not a model directory (no config.json)")
         return str(resolved)

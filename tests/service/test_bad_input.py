@@ -29,6 +29,7 @@ CASES = [
     ("path traversal", job_body(model="../../etc"), 422, "/model"),
     ("absolute path outside roots", job_body(model="/etc"), 422, "/model"),
     ("not a model reference", job_body(model="rm -rf /"), 422, "/model"),
+    ("home of an unknown user", job_body(model="~nobody-here-at-all/models/x"), 422, "/model"),
     ("huge body", "huge", 413, None),
 ]
 
