@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: redis-server for the tests and the demo; jq and curl for the README's service commands
-# (tests/service/test_readme.py runs them as written).
+# (tests/service/test_readme.py runs them as written); prometheus for promtool and a real scrape of the
+# service (tests/service/test_monitoring.py).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} (Debian packages)" >&2
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)

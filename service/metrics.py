@@ -6,13 +6,14 @@ from litestar.plugins.prometheus import PrometheusConfig
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from rq import Queue
+from rq import Queue, Worker
 
 from hoppatch.jobs import JobStatus, JobStore
 from hoppatch.spec import BUILTIN_MODELS
 
 PROMETHEUS = PrometheusConfig(app_name="hoppatch", prefix="hoppatch_api", group_path=True, exclude=["/metrics"])
 
+JOBS_REAPED = Counter("hoppatch_jobs_reaped_total", "Jobs this process ended worker_lost (the workers count theirs too).")
 JOBS_SUBMITTED = Counter("hoppatch_api_jobs_submitted_total", "Jobs accepted by the API, by model (built-ins, else other).", ["model"])
 
 
@@ -28,10 +29,11 @@ class QueueCollector(Collector):
     def __init__(self) -> None:
         self.depth: int | None = None
         self.counts: dict[str, int] = {}
+        self.workers = 0
 
     def refresh(self, store: JobStore, queue: Queue) -> None:
-        depth, counts = queue.count, store.status_counts()
-        self.depth, self.counts = depth, counts
+        depth, counts, workers = queue.count, store.status_counts(), Worker.count(connection=queue.connection, queue=queue)
+        self.depth, self.counts, self.workers = depth, counts, workers
 
     def collect(self):
         if self.depth is None:
@@ -41,8 +43,11 @@ class QueueCollector(Collector):
         states = GaugeMetricFamily("hoppatch_jobs", "Job records by status (within retention).", labels=["status"])
         for status in JobStatus:
             states.add_metric([status.value], self.counts.get(status.value, 0))
+        live = GaugeMetricFamily("hoppatch_workers_live", "Worker processes registered on the queue and heartbeating.")
+        live.add_metric([], self.workers)
         yield depth
         yield states
+        yield live
 
 
 QUEUE_STATS = QueueCollector()
