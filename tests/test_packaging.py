@@ -114,3 +114,24 @@ def test_the_wheel_installs_only_the_hoppatch_package_with_its_public_api(tmp_pa
     done = subprocess.run([str(venv / "bin" / "python"), str(script)], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().startswith(str(site))
+
+
+def test_the_kubernetes_manifests_wire_api_workers_redis_and_keda():
+    from hoppatch.jobs import RQ_QUEUE_KEY
+
+    docs = [d for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    by_kind: dict[str, list[dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], []).append(doc)
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    api = deployments["hoppatch-api"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["args"][0] == "serve" and {"hoppatch-api", "hoppatch-redis"} <= {s["metadata"]["name"] for s in by_kind["Service"]}
+    workers = [d for name, d in deployments.items() if name.startswith("hoppatch-worker-")]
+    for worker in workers:
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"][0] == "worker" and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    redis_args = by_kind["StatefulSet"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--appendonly" in redis_args and "noeviction" in redis_args
+    [scaled] = by_kind["ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["name"] in {w["metadata"]["name"] for w in workers}
+    assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == RQ_QUEUE_KEY
