@@ -15,7 +15,9 @@ from typing import Protocol
 
 from hoppatch.jobs import Artifact, JobStore
 
-_MEDIA_TYPES = {".safetensors": "application/octet-stream", ".json": "application/json", ".png": "image/png"}
+_MEDIA_TYPES = {
+    ".safetensors": "application/octet-stream", ".json": "application/json", ".png": "image/png", ".html": "text/html; charset=utf-8",
+}
 
 
 def media_type(name: str) -> str:

@@ -2,7 +2,8 @@
 
 Our record, not RQ's, is the source of truth (RQ's keys expire): `queued → running → succeeded | failed |
 cancelled`, plus `cancelling` while a cooperative stop is pending. Terminal states never change. Every key
-comes from one function here, under the `hoppatch:` prefix. Imports redis and msgspec only.
+comes from one function here, under the `hoppatch:` prefix. Imports redis, msgspec and prometheus_client (the
+reaper's counter: the API and the workers both reap).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 import redis
 from msgspec import Struct
+from prometheus_client import Counter
 
 from .spec import Budget
 
@@ -130,6 +132,8 @@ def idempotency_key(tenant: str, key: str) -> str:
 def api_key_key(digest: str) -> str:
     return f"{PREFIX}:apikey:{digest}"
 
+
+JOBS_REAPED = Counter("hoppatch_jobs_reaped_total", "Jobs this process ended worker_lost.")
 
 RUNNING_KEY = f"{PREFIX}:running"
 """Set of job ids that a worker has started and not finished; the reaper watches their heartbeats."""
@@ -352,6 +356,7 @@ class JobStore:
             error = JobError("worker_lost", "the queue lost this job before a worker started it; submit it again")
             if self.transition(job_id, JobStatus.FAILED, {JobStatus.QUEUED}, error=error, finished_at=now()):
                 lost.append(job_id)
+        JOBS_REAPED.inc(len(lost))
         return lost
 
     def _orphaned_queued(self) -> list[str]:

@@ -6,12 +6,13 @@ cd "$(dirname "$0")/.."
 
 # Debian packages: redis-server for the tests and the demo; jq and curl for the README's service commands
 # (tests/service/test_readme.py runs them as written); prometheus for promtool and a real scrape of the
-# service (tests/service/test_monitoring.py).
+# service (tests/service/test_monitoring.py); chromium to render report.html (tests/engine/test_report_page.py).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} (Debian packages)" >&2
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)

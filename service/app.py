@@ -28,7 +28,7 @@ from .auth import HEADER, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
 from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
-from .metrics import JOBS_REAPED, PROMETHEUS, QUEUE_STATS
+from .metrics import PROMETHEUS, QUEUE_STATS
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     interval = min(MAINTENANCE_SECONDS, max(1.0, settings.heartbeat_timeout / 4))
 
     def maintain(rounds: int) -> None:
-        JOBS_REAPED.inc(len(store.reap_lost()))
+        store.reap_lost()
         QUEUE_STATS.refresh(store, queue)
         if rounds % int(SWEEP_SECONDS / interval) == 0:
             sweep_artifacts(store, artifacts)

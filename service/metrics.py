@@ -13,7 +13,6 @@ from hoppatch.spec import BUILTIN_MODELS
 
 PROMETHEUS = PrometheusConfig(app_name="hoppatch", prefix="hoppatch_api", group_path=True, exclude=["/metrics"])
 
-JOBS_REAPED = Counter("hoppatch_jobs_reaped_total", "Jobs this process ended worker_lost (the workers count theirs too).")
 JOBS_SUBMITTED = Counter("hoppatch_api_jobs_submitted_total", "Jobs accepted by the API, by model (built-ins, else other).", ["model"])
 
 

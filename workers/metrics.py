@@ -19,7 +19,6 @@ MODEL_CACHE = Counter("hoppatch_worker_model_cache_total", "Model cache lookups,
 MODEL_LOAD_SECONDS = Histogram("hoppatch_worker_model_load_seconds", "Time to load a model into the cache.", buckets=STAGE_BUCKETS)
 MODELS_WARM = Gauge("hoppatch_worker_models_warm", "Models held in this worker's cache.")
 BUSY = Gauge("hoppatch_worker_busy", "1 while this worker runs a job.")
-JOBS_REAPED = Counter("hoppatch_jobs_reaped_total", "Jobs this process ended worker_lost (the API counts its own too).")
 MODEL_RELOADS = Counter("hoppatch_worker_model_reloads_total", "Models dropped because a job left their weights off base.")
 
 

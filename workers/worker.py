@@ -42,7 +42,6 @@ def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> Non
     while not stop.wait(interval):
         try:
             for job_id in store.reap_lost():
-                metrics.JOBS_REAPED.inc()
                 log.warning("job %s lost its worker: failed with worker_lost", job_id)
         except redis.RedisError as exc:
             log.warning("reaper: %s", exc)

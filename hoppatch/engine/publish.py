@@ -1,4 +1,4 @@
-"""Publish a job's outcome: delta.safetensors, adapter/, metrics.json and report/, written atomically.
+"""Publish a job's outcome: delta.safetensors, adapter/, metrics.json, report.html and report/, written atomically.
 
 Everything is written to a staging directory beside the target and renamed into place at the end, so a
 reader never sees a half-written result.
@@ -23,8 +23,9 @@ from .evaluate import rates
 from .models import LoadedModel
 from .pipeline import JobOutcome
 from .report import plot_example, plot_summary
+from hoppatch.report_page import render as render_report
 
-ARTIFACTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json")
+ARTIFACTS = ("delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json", "report.html")
 """Files every successful job publishes, besides the plots under report/."""
 
 
@@ -136,6 +137,7 @@ def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
         outcome.seconds["publish"] = time.perf_counter() - started
         document = metrics(outcome)
         (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+        (staging / "report.html").write_text(render_report(document, report), encoding="utf-8")
         if out_dir.exists():
             out_dir.rmdir()
         staging.rename(out_dir)

@@ -12,6 +12,7 @@ from litestar.params import Parameter
 from litestar.response import File
 
 from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.report_page import CONTENT_SECURITY_POLICY
 from hoppatch.jobs import JobStore
 
 from .. import jobs
@@ -61,4 +62,10 @@ class ArtifactController(Controller):
             raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
         if if_none_match and info.sha256 in {t.strip().strip('"').removeprefix("W/").strip('"') for t in if_none_match.split(",")}:
             return Response(content=b"", status_code=304, headers={"ETag": f'"{info.sha256}"'})
-        return File(path, filename=name.rsplit("/", 1)[-1], media_type=info.media_type, etag=ETag(value=info.sha256))
+        headers = {"X-Content-Type-Options": "nosniff"}
+        if info.media_type.startswith("text/html"):  # the report: shown inline, with no script and nothing fetched
+            headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        return File(
+            path, filename=name.rsplit("/", 1)[-1], media_type=info.media_type, etag=ETag(value=info.sha256), headers=headers,
+            content_disposition_type="inline" if info.media_type.startswith(("text/html", "image/")) else "attachment",
+        )

@@ -104,8 +104,12 @@ def test_submit_to_artifacts_and_metrics(service, worker):
     assert summary["patched"] >= 1 and summary["correction_rate"] is not None
     artifacts = client.get(done["urls"]["artifacts"]).json()["data"]
     names = {a["name"] for a in artifacts}
-    assert {"delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json"} <= names
+    assert {"delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json", "report.html"} <= names
     assert any(n.startswith("report/") and n.endswith(".png") for n in names)
+    page = client.get(f"{done['urls']['artifacts']}/report.html")
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert page.headers["x-content-type-options"] == "nosniff" and 'id="verdict"' in page.text
     for artifact in artifacts:
         response = client.get(f"{done['urls']['artifacts']}/{artifact['name']}")
         assert response.status_code == 200
