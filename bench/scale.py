@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -62,7 +63,8 @@ def main() -> None:
                             time.sleep(0.2)
                     burst(url, key, body, count, 120)  # warm: each worker loads the model once
                     rows[count] = burst(url, key, body, args.jobs, 600)
-                print(f"{count} worker(s): {rows[count]['jobs_per_second']:.2f} jobs/s, lost {rows[count]['lost']}", flush=True)
+                print(f"{count} worker(s) on {os.cpu_count()} cores: {rows[count]['jobs_per_second']:.2f} jobs/s, "
+                      f"lost {rows[count]['lost']}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
