@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,10 @@ import msgspec
 from .spec import ExamplesError, JobSpec, read_examples, read_preamble
 
 OK, FAILED, BAD_INPUT, SERVER_ERROR = 0, 1, 2, 3
+RETRIES = 5
+"""Tries of a call answered 429 or 503 with Retry-After."""
+MAX_RETRY_WAIT = 120
+"""A longer Retry-After is not waited for: the call fails (exit 3 from `hoppatch submit`)."""
 METRIC_NAMES = ("correction", "paraphrase", "generalization", "specificity")
 
 
@@ -73,25 +78,42 @@ class Client:
         self._http.close()
 
     def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        """One API call. A 429 or 503 that says `Retry-After` (a quota, Redis out of reach) is retried after
+        that wait, up to `RETRIES` times; `submit` sends an Idempotency-Key, so a retried POST makes one job."""
+        for _ in range(RETRIES):
+            response = self._send(method, url, **kwargs)
+            wait = response.headers.get("Retry-After") if response.status_code in (429, 503) else None
+            if wait is None or not wait.isdigit() or int(wait) > MAX_RETRY_WAIT:
+                break
+            time.sleep(int(wait))
+        return self._checked(method, url, response)
+
+    def _send(self, method: str, url: str, **kwargs) -> httpx.Response:
         try:
-            response = self._http.request(method, url, **kwargs)
+            return self._http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
             raise ClientError(SERVER_ERROR, f"cannot reach the server: {exc}") from None
-        if response.status_code >= 500:
-            raise ClientError(SERVER_ERROR, f"server error {response.status_code} on {method} {url}")
-        if response.status_code >= 400:
+
+    @staticmethod
+    def _checked(method: str, url: str, response: httpx.Response) -> httpx.Response:
+        """The response, or a ClientError: bad input for a refusal, a server error for what waiting may fix."""
+        status = response.status_code
+        if status >= 500 and "Retry-After" not in response.headers:
+            raise ClientError(SERVER_ERROR, f"server error {status} on {method} {url}")
+        if status >= 400:
             try:
                 problem = response.json()
                 detail = problem.get("detail") or problem.get("title")
             except ValueError:
                 detail = response.text[:200]
-            raise ClientError(BAD_INPUT, f"{method} {url}: {response.status_code} {detail}")
+            busy = status >= 500 or (status == 429 and "Retry-After" in response.headers)
+            raise ClientError(SERVER_ERROR if busy else BAD_INPUT, f"{method} {url}: {status} {detail}")
         return response
 
     def submit(self, spec: JobSpec | dict, idempotency_key: str | None = None) -> dict:
         """POST the job; returns the job document (status `queued`)."""
         body = msgspec.to_builtins(spec) if isinstance(spec, JobSpec) else spec
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        headers = {"Idempotency-Key": idempotency_key or f"hoppatch-client-{uuid.uuid4().hex}"}
         return self.request("POST", "/v1/jobs", json=body, headers=headers).json()
 
     def job(self, job_id: str) -> dict:

@@ -112,3 +112,33 @@ def test_an_unreachable_server_exits_3(tiny_case):
     _, examples = tiny_case
     done = _submit(f"http://127.0.0.1:{free_port()}", examples)
     assert done.returncode == 3 and "cannot reach the server" in done.stderr
+
+
+def test_the_client_waits_out_a_rate_limit_and_one_submission_makes_one_job(redis_url, tiny_case, tmp_path):
+    import time
+
+    from hoppatch.client import Client
+    from hoppatch.spec import read_examples
+
+    root, examples = tiny_case
+    env = {
+        **os.environ, "HOPPATCH_REDIS_URL": redis_url, "HOPPATCH_AUTH": "off", "HOPPATCH_MODEL_ROOTS": str(root),
+        "HOPPATCH_ARTIFACT_DIR": str(tmp_path / "artifacts"), "HOPPATCH_WORKER_METRICS_PORT": "0",
+        "HOPPATCH_TENANT_RATE": "0.5", "HOPPATCH_TENANT_BURST": "1",
+    }
+    spec = {"model": str(root / "tiny"), "examples": [msgspec_builtins(e) for e in read_examples(examples)]}
+    with live_service(env, tmp_path, timeout=120) as url, Client(url) as client:
+        earlier = {j["id"] for j in client.request("GET", "/v1/jobs", params={"limit": 100}).json()["data"]}
+        first = client.submit(spec)
+        started = time.monotonic()
+        second = client.submit(spec)  # 429 with Retry-After: 2, waited out
+        assert time.monotonic() - started >= 1.5
+        assert first["id"] != second["id"]
+        ids = [j["id"] for j in client.request("GET", "/v1/jobs", params={"limit": 100}).json()["data"]]
+        assert sorted(set(ids) - earlier) == sorted([first["id"], second["id"]])  # the 429 left no job behind
+
+
+def msgspec_builtins(value):
+    import msgspec
+
+    return msgspec.to_builtins(value)
