@@ -5,8 +5,8 @@
 
 Steps: a burst from 4 tenants with 2 workers (one tenant over its quota) while redis-server is SIGKILLed and
 restarted from its AOF; workers SIGKILLed at random points; Redis paused (SIGSTOP) past the clients'
-timeouts; a soak on one warm worker with distinct preambles and examples, sampling its RSS. Each step
-prints its figures as one JSON line; `run_steps` returns them for the tests' assertions.
+timeouts; a soak on one warm worker with distinct preambles and examples, sampling its RSS (and its GPU
+memory through nvidia-smi where there is one). Each step prints its figures as one JSON line; `run_steps` returns them for the tests' assertions.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def soak(cluster: Cluster, keys: dict[str, str], body: dict, scale: Scale) -> St
     pid = cluster.workers[name].pid
     seen, started = Submissions(), time.monotonic()
     tenant = next(iter(keys))
-    key_of, rss = {}, []
+    key_of, rss, device = {}, [], []
     for j in range(scale.soak_jobs):
         idem = f"soak-{j}"
         key_of[idem] = keys[tenant]
@@ -348,11 +348,13 @@ def soak(cluster: Cluster, keys: dict[str, str], body: dict, scale: Scale) -> St
         submit(cluster.url, keys[tenant], tenant, idem, job, seen, time.monotonic() + 60)
         final_states(cluster, {idem: keys[tenant]}, {idem: seen.jobs[idem]}, 120)
         rss.append(_rss_mib(pid))
+        device.append(_device_mib(pid))
     warm = rss[scale.soak_sample_at - 1]
     return report("soak", cluster, seen, len(key_of), key_of, started, [name], 120,
                   rss_mib_at_sample=warm, rss_mib_at_end=rss[-1], rss_growth=round(rss[-1] / warm - 1, 4),
                   sample_at=scale.soak_sample_at, rss_mib_max_after_sample=max(rss[scale.soak_sample_at - 1 :]),
-                  warm_cache_budget_mib=WARM_CACHE_MIB, rss_mib_every_25=rss[24::25])
+                  warm_cache_budget_mib=WARM_CACHE_MIB, rss_mib_every_25=rss[24::25],
+                  device_mib_every_25=device[24::25] if any(d is not None for d in device) else None)
 
 
 def _rss_mib(pid: int) -> float:
@@ -360,6 +362,16 @@ def _rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     raise RuntimeError(f"no RSS for process {pid}")
+
+
+def _device_mib(pid: int) -> float | None:
+    """GPU memory the process holds, from nvidia-smi; None without a GPU."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True).stdout
+    used = [float(m) for p, m in (line.split(",") for line in out.splitlines() if "," in line) if int(p) == pid]
+    return used[0] if used else 0.0
 
 
 def _get(url: str) -> int:
