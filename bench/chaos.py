@@ -6,7 +6,8 @@
 Steps: a burst from 4 tenants with 2 workers (one tenant over its quota) while redis-server is SIGKILLed and
 restarted from its AOF; workers SIGKILLed at random points; Redis paused (SIGSTOP) past the clients'
 timeouts; a soak on one warm worker with distinct preambles and examples, sampling its RSS (and its GPU
-memory through nvidia-smi where there is one). Each step prints its figures as one JSON line; `run_steps` returns them for the tests' assertions.
+memory through nvidia-smi where there is one). Each step prints its figures as one JSON line; `run_steps`
+returns them for the tests' assertions.
 """
 
 from __future__ import annotations
