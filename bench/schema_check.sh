@@ -25,4 +25,4 @@ for _ in $(seq 100); do
   sleep 0.3
 done
 .venv/bin/schemathesis --config-file bench/schemathesis.toml run "http://127.0.0.1:$port/schema/openapi.json" \
-  --checks all --header "X-API-Key: $key" --max-examples 60 --phases examples,coverage,fuzzing --workers 2 "$@" </dev/null
+  --checks all --header "X-API-Key: $key" --max-examples 60 --phases examples,coverage,fuzzing,stateful --workers 2 "$@" </dev/null

@@ -56,6 +56,12 @@ class ArtifactNotFound(ServiceError):
     status, slug, title = 404, "artifact-not-found", "Artifact not found"
 
 
+class NoMetrics(ServiceError):
+    """The job exists but has not succeeded, so it has no metrics."""
+
+    status, slug, title = 409, "job-has-no-metrics", "The job has no metrics until it succeeds"
+
+
 class NotCancellable(ServiceError):
     """The job already ended."""
 

@@ -24,13 +24,14 @@ from hoppatch.spec import JobSpec
 from .. import jobs
 from ..metrics import JOBS_SUBMITTED, model_label
 from ..deps import provide_artifacts, provide_queue, provide_settings, provide_store
-from ..problems import PROBLEM_JSON, ArtifactNotFound, TooManyRequests
+from ..problems import PROBLEM_JSON, ArtifactNotFound, NoMetrics, TooManyRequests
 from ..schemas import Event, EventList, Job, JobPage, Problem
 
 STREAM_LIFETIME_SECONDS = 3600
 """An SSE stream ends after this long; the client resumes with Last-Event-ID."""
-EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
-"""A Redis stream entry id, as the events carry them (Redis reads a bare number as NUMBER-0)."""
+EVENT_ID = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
+"""A Redis stream entry id, as the events carry them (Redis reads a bare number as NUMBER-0). 19 digits keep
+each part below 2**64, past which Redis refuses the id."""
 
 
 class OpenStreams:
@@ -154,13 +155,15 @@ class JobController(Controller):
         stream = _event_stream(request.app.state.stream_redis, job_id, last_event_id, record.status.terminal)
         return ServerSentEvent(streams.counted(request.user, stream))
 
-    @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404))
+    @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404, 409))
     def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: LocalArtifactStore) -> Response[dict[str, Any]]:
-        """The job's metrics.json (404 until it has succeeded)."""
-        jobs.get_job(store, request.user, job_id)
+        """The job's metrics.json: 409 while the job has not succeeded (it has none yet, or none at all)."""
+        record = jobs.get_job(store, request.user, job_id)
+        if record.status is not JobStatus.SUCCEEDED:
+            raise NoMetrics(f"job {job_id} is {record.status.value}: a job has metrics once it has succeeded")
         path = artifacts.path(job_id, "metrics.json")
         if path is None:
-            raise ArtifactNotFound(f"job {job_id} has no metrics yet")
+            raise ArtifactNotFound(f"job {job_id} has no metrics.json")
         return Response(json.loads(path.read_bytes()), media_type="application/json")
 
 

@@ -101,7 +101,7 @@ def test_identical_concurrent_requests_make_one_job(settings, key, redis_client)
     assert redis_client.llen(f"rq:queue:{QUEUE_NAME}") == 1
 
 
-@pytest.mark.parametrize("last_event_id", ["0-0-0", "abc", "1-"])
+@pytest.mark.parametrize("last_event_id", ["0-0-0", "abc", "1-", "71295237627355060231-116"])
 def test_a_malformed_last_event_id_is_a_400(client, key, last_event_id):
     job_id = _post(client, key).json()["id"]
     response = client.get(f"/v1/jobs/{job_id}/events/stream", headers={"X-API-Key": key, "Last-Event-ID": last_event_id})
@@ -140,3 +140,9 @@ def test_without_redis_the_api_answers_503_with_retry_after(settings, key):
             assert response.headers["Retry-After"] == "5"
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
+
+
+def test_a_job_that_has_not_succeeded_has_no_metrics_yet(client, key):
+    job_id = _post(client, key).json()["id"]
+    problem = _problem(client.get(f"/v1/jobs/{job_id}/metrics", headers={"X-API-Key": key}), 409)
+    assert problem["detail"].startswith(f"job {job_id} is queued")
