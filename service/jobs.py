@@ -46,7 +46,7 @@ def check_spec(spec: JobSpec, key: ApiKey, settings: Settings) -> None:
         raise JobRejected(f"{len(spec.examples)} examples; this service takes at most {settings.max_examples} per job", "/examples")
     ceiling = key.max_seconds or settings.tenant_max_seconds
     if ceiling and spec.budget.max_seconds > ceiling:
-        raise TooManyRequests(f"budget.max_seconds {spec.budget.max_seconds:g} is over this key's ceiling of {ceiling:g}", None, "/budget/max_seconds")
+        raise TooManyRequests(f"budget.max_seconds {spec.budget.max_seconds:g} is over this key's ceiling of {ceiling:g}", "/budget/max_seconds")
 
 
 def limits(settings: Settings) -> Limits:
@@ -90,11 +90,11 @@ async def submit(
         case "existing":
             return await _existing(admit.registered_client, idempotency or "", detail.decode(), digest), False
         case "tenant_active":
-            raise TooManyRequests(f"tenant {tenant!r} has {quota.tenant_active} jobs queued or running, its limit", RETRY_ACTIVE)
+            raise TooManyRequests(f"tenant {tenant!r} has {quota.tenant_active} jobs queued or running, its limit", retry_after=RETRY_ACTIVE)
         case "queue_full":
-            raise TooManyRequests(f"the queue holds {quota.queue_cap} jobs, its cap; try again later", RETRY_QUEUE_FULL)
+            raise TooManyRequests(f"the queue holds {quota.queue_cap} jobs, its cap; try again later", retry_after=RETRY_QUEUE_FULL)
         case "rate":
-            raise TooManyRequests(f"tenant {tenant!r} submits faster than {quota.rate:g} jobs/s", float(detail))
+            raise TooManyRequests(f"tenant {tenant!r} submits faster than {quota.rate:g} jobs/s", retry_after=float(detail))
     raise AssertionError(f"unknown admission verdict {verdict!r}")
 
 

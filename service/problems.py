@@ -28,10 +28,12 @@ class ServiceError(Exception):
     slug = "bad-request"
     title = "Bad request"
 
-    def __init__(self, detail: str, pointer: str | None = None):
+    def __init__(self, detail: str, pointer: str | None = None, retry_after: float | None = None):
         super().__init__(detail)
         self.detail = detail
         self.pointer = pointer
+        self.retry_after = retry_after
+        """Seconds after which the same request may succeed (sent as `Retry-After`); None: waiting will not help."""
 
 
 class JobRejected(ServiceError):
@@ -83,10 +85,6 @@ class TooManyRequests(ServiceError):
 
     status, slug, title = 429, "too-many-requests", "Too many requests"
 
-    def __init__(self, detail: str, retry_after: float | None = None, pointer: str | None = None):
-        super().__init__(detail, pointer)
-        self.retry_after = retry_after
-
 
 class ServiceUnavailable(ServiceError):
     status, slug, title = 503, "service-unavailable", "The service cannot reach its job store"
@@ -123,17 +121,15 @@ def problem_response(status: int, slug: str, title: str, detail: str, instance: 
 def service_error_handler(request: Request, exc: ServiceError) -> Response:
     errors = [ProblemError(exc.pointer, exc.detail)] if exc.pointer is not None else None
     response = problem_response(exc.status, exc.slug, exc.title, exc.detail, request.url.path, errors)
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return response
 
 
 def redis_error_handler(request: Request, exc: redis.RedisError) -> Response:
     """Redis out of reach (restarting, paused, partitioned): 503 with Retry-After, never a 500."""
     log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
-    unavailable = ServiceUnavailable("the job store is unreachable; retry shortly")
-    unavailable.retry_after = RETRY_AFTER_UNAVAILABLE
+    unavailable = ServiceUnavailable("the job store is unreachable; retry shortly", retry_after=RETRY_AFTER_UNAVAILABLE)
     return service_error_handler(request, unavailable)
 
 
@@ -168,8 +164,6 @@ def http_error_handler(request: Request, exc: HTTPException) -> Response:
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, redis.RedisError):
-        return redis_error_handler(request, exc)
     log.exception("%s %s: internal error", request.method, request.url.path, exc_info=exc)
     return problem_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal server error", "internal error", request.url.path)
 

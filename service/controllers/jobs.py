@@ -32,6 +32,8 @@ STREAM_LIFETIME_SECONDS = 3600
 EVENT_ID = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
 """A Redis stream entry id, as the events carry them (Redis reads a bare number as NUMBER-0). 19 digits keep
 each part below 2**64, past which Redis refuses the id."""
+STREAM_RETRY = 10
+"""Seconds a client over its stream cap is told to wait."""
 
 
 class OpenStreams:
@@ -42,9 +44,9 @@ class OpenStreams:
 
     def check(self, tenant: str, per_tenant: int, per_process: int) -> None:
         if self.by_tenant[tenant] >= per_tenant:
-            raise TooManyRequests(f"tenant {tenant!r} already has {per_tenant} event streams open here", STREAM_RETRY)
+            raise TooManyRequests(f"tenant {tenant!r} already has {per_tenant} event streams open here", retry_after=STREAM_RETRY)
         if sum(self.by_tenant.values()) >= per_process:
-            raise TooManyRequests(f"this API process already serves {per_process} event streams", STREAM_RETRY)
+            raise TooManyRequests(f"this API process already serves {per_process} event streams", retry_after=STREAM_RETRY)
 
     async def counted(self, tenant: str, stream: AsyncIterator[ServerSentEventMessage]) -> AsyncIterator[ServerSentEventMessage]:
         """`stream`, counted while it is being sent (a response never sent never counts)."""
@@ -57,8 +59,6 @@ class OpenStreams:
             if self.by_tenant[tenant] <= 0:
                 del self.by_tenant[tenant]
 
-
-STREAM_RETRY = 10
 
 
 def problems(*statuses: int) -> dict[int, ResponseSpec]:
@@ -79,7 +79,7 @@ class JobController(Controller):
         "settings": Provide(provide_settings, sync_to_thread=False),
     }
 
-    @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 403, 404, 413, 422, 429, 503))
+    @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 403, 404, 413, 422, 429))
     async def create_job(
         self,
         request: Request,
