@@ -17,6 +17,10 @@ class Settings:
     """Redis shared by the API and every worker."""
     artifact_dir: Path = field(default_factory=lambda: Path(_env("HOPPATCH_ARTIFACT_DIR", "./.hoppatch/artifacts")))
     """Root of the local artifact store; the API and the workers must both see it."""
+    artifact_url: str = field(default_factory=lambda: _env("HOPPATCH_ARTIFACT_URL", ""))
+    """`s3://bucket/prefix`: store artifacts in an S3-compatible store instead of `artifact_dir`."""
+    artifact_presign_seconds: int = field(default_factory=lambda: int(_env("HOPPATCH_ARTIFACT_PRESIGN_SECONDS", "0")))
+    """With S3, downloads redirect to a presigned URL valid this long; 0: the API streams them."""
     auth: bool = field(default_factory=lambda: _env("HOPPATCH_AUTH", "on") != "off")
     """API keys required; `HOPPATCH_AUTH=off` switches them off for local use, and the API says so at start."""
     model_roots: tuple[Path, ...] = field(

@@ -19,7 +19,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from hoppatch import __version__
-from hoppatch.artifacts import LocalArtifactStore, sweep_artifacts
+from hoppatch.artifacts import open_artifact_store, sweep_artifacts
 from hoppatch.connection import connect, connect_async
 from hoppatch.jobs import QUEUE_NAME, SUBMIT_SCRIPT, JobStore
 from hoppatch.settings import Settings
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     store = JobStore(client, settings.retention_seconds)
     queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
     aredis = connect_async(settings.redis_url)
-    artifacts = LocalArtifactStore(settings.artifact_dir)
+    artifacts = open_artifact_store(settings)
     state = State(
         {
             "settings": settings,

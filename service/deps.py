@@ -7,7 +7,7 @@ from rq import Queue
 
 from hoppatch.jobs import JobStore
 from hoppatch.settings import Settings
-from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.artifacts import ArtifactStore
 
 
 def provide_store(state: State) -> JobStore:
@@ -18,7 +18,7 @@ def provide_queue(state: State) -> Queue:
     return state.queue
 
 
-def provide_artifacts(state: State) -> LocalArtifactStore:
+def provide_artifacts(state: State) -> ArtifactStore:
     return state.artifacts
 
 

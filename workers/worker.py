@@ -22,7 +22,7 @@ from prometheus_client import start_http_server
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.artifacts import open_artifact_store
 from hoppatch.connection import connect
 from hoppatch.engine.warm import WarmBudget
 from hoppatch.jobs import QUEUE_NAME, JobStore
@@ -56,7 +56,7 @@ def run_worker(settings: Settings, burst: bool = False, preload: str | None = No
     )
     name = f"hoppatch-{socket.gethostname()}-{os.getpid()}"
     tasks.configure(tasks.WorkerContext(
-        store, LocalArtifactStore(settings.artifact_dir), models, settings.heartbeat_timeout, name, settings.statistics_disk_bytes
+        store, open_artifact_store(settings), models, settings.heartbeat_timeout, name, settings.statistics_disk_bytes
     ))
     metrics.watch_warm_caches(models.warm_states)
     if settings.worker_metrics_port:

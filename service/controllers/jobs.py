@@ -16,7 +16,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from rq import Queue
 
-from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.artifacts import ArtifactStore
 from hoppatch.jobs import JobStatus, JobStore, events_key
 from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec
@@ -156,15 +156,15 @@ class JobController(Controller):
         return ServerSentEvent(streams.counted(request.user, stream))
 
     @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404, 409))
-    def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: LocalArtifactStore) -> Response[dict[str, Any]]:
+    def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: ArtifactStore) -> Response[dict[str, Any]]:
         """The job's metrics.json: 409 while the job has not succeeded (it has none yet, or none at all)."""
         record = jobs.get_job(store, request.user, job_id)
         if record.status is not JobStatus.SUCCEEDED:
             raise NoMetrics(f"job {job_id} is {record.status.value}: a job has metrics once it has succeeded")
-        path = artifacts.path(job_id, "metrics.json")
-        if path is None:
+        document = artifacts.read(job_id, "metrics.json")
+        if document is None:
             raise ArtifactNotFound(f"job {job_id} has no metrics.json")
-        return Response(json.loads(path.read_bytes()), media_type="application/json")
+        return Response(json.loads(document), media_type="application/json")
 
 
 async def _event_stream(aredis, job_id: str, start: str, ended: bool) -> AsyncIterator[ServerSentEventMessage]:

@@ -107,18 +107,3 @@ def test_model_cache_keeps_the_most_recent_models_and_fails_unknown_ones_before_
     assert str(model_dirs / "llama") not in cache and str(model_dirs / "gpt2") in cache
     with pytest.raises(ModelNotFound, match="outside the configured model roots"):
         cache.get("/etc")
-
-
-def test_the_sweeper_deletes_the_files_of_expired_jobs_only(redis_client, tmp_path):
-    from hoppatch.artifacts import LocalArtifactStore, sweep_artifacts
-
-    store, artifacts = JobStore(redis_client), LocalArtifactStore(tmp_path)
-    live = _create(store)
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    (staging / "metrics.json").write_text("{}")
-    for job_id in (live.id, "job_expired000000000000000"):
-        artifacts.put(job_id, staging)
-    assert sweep_artifacts(store, artifacts) == ["job_expired000000000000000"]
-    assert artifacts.path(live.id, "metrics.json") is not None
-    assert not (tmp_path / "job_expired000000000000000").exists()

@@ -1,6 +1,7 @@
 """The whole path with real parts: API (in process), Redis, a worker process, the built-in model.
 
-submit → worker → succeeded → artifacts downloadable and sha256-correct → metrics; cancel while running;
+submit → worker → succeeded → artifacts downloadable and sha256-correct → metrics, with artifacts in the
+local directory and on a real S3 server (SeaweedFS); cancel while running;
 a worker killed with SIGKILL mid-job leaves the job failed with `worker_lost`, and a new worker takes jobs.
 """
 
@@ -19,7 +20,7 @@ from litestar.testing import TestClient
 from hoppatch.settings import Settings
 from hoppatch.service.app import create_app
 
-from tests.conftest import free_port
+from tests.conftest import S3_BUCKET, free_port
 
 from .conftest import job_body, shipped_examples
 
@@ -35,6 +36,7 @@ class WorkerProcess:
             **os.environ,
             "HOPPATCH_REDIS_URL": settings.redis_url,
             "HOPPATCH_ARTIFACT_DIR": str(settings.artifact_dir),
+            "HOPPATCH_ARTIFACT_URL": settings.artifact_url,
             "HOPPATCH_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "HOPPATCH_WORKER_METRICS_PORT": str(self.metrics_port),
         }
@@ -53,8 +55,17 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def service(redis_url, redis_client, tmp_path):
-    settings = Settings(redis_url=redis_url, artifact_dir=tmp_path / "artifacts", auth=False, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+def service(redis_url, redis_client, tmp_path, request, monkeypatch):
+    """The API in process; with parameter "s3", its artifacts (and the worker's) go to the test S3 server."""
+    artifact_url = ""
+    if getattr(request, "param", "local") == "s3":
+        for name, value in request.getfixturevalue("s3_env").items():
+            monkeypatch.setenv(name, value)  # the worker process inherits them too
+        artifact_url = f"s3://{S3_BUCKET}/whole-path"
+    settings = Settings(
+        redis_url=redis_url, artifact_dir=tmp_path / "artifacts", artifact_url=artifact_url, auth=False,
+        heartbeat_timeout=HEARTBEAT_TIMEOUT,
+    )
     with TestClient(app=create_app(settings), timeout=30) as client:
         yield settings, client
 
@@ -94,6 +105,7 @@ def _sample(metrics_text: str, series: str) -> float:
 SUBMITTED = 'hoppatch_api_jobs_submitted_total{model="builtin:gemma-3-270m"}'
 
 
+@pytest.mark.parametrize("service", ["local", "s3"], indirect=True)
 def test_submit_to_artifacts_and_metrics(service, worker):
     settings, client = service
     submitted_before = _sample(client.get("/metrics").text, SUBMITTED)  # the counter lives as long as the process
@@ -103,6 +115,7 @@ def test_submit_to_artifacts_and_metrics(service, worker):
     summary = done["result"]["summary"]
     assert summary["patched"] >= 1 and summary["correction_rate"] is not None
     artifacts = client.get(done["urls"]["artifacts"]).json()["data"]
+    assert (settings.artifact_dir / done["id"]).is_dir() is (not settings.artifact_url)  # on S3, nothing local
     names = {a["name"] for a in artifacts}
     assert {"delta.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.json", "report.html"} <= names
     assert any(n.startswith("report/") and n.endswith(".png") for n in names)
