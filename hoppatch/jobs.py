@@ -24,7 +24,6 @@ from prometheus_client import Counter
 from .spec import Budget
 
 PREFIX = "hoppatch"
-QUEUE_NAME = "hoppatch"
 TASK = "hoppatch.workers.tasks.run_edit_job"
 """The RQ task, enqueued by dotted path so the service never imports the workers."""
 
@@ -141,7 +140,6 @@ ACTIVE_KEY = f"{PREFIX}:active"
 """Set of every job id that has not ended; the reaper checks the queued ones against RQ."""
 STATUS_COUNTS_KEY = f"{PREFIX}:status_counts"
 """Hash: number of jobs per status that has not ended (ended ones are counted in `ended_key`)."""
-RQ_QUEUE_KEY = f"rq:queue:{QUEUE_NAME}"
 RQ_JOB_PREFIX = "rq:job:"
 
 
@@ -159,7 +157,7 @@ class Limits(Struct, frozen=True):
     tenant_active: int
     """Jobs of the tenant queued or running at once."""
     queue_cap: int
-    """Jobs waiting in the queue, all tenants together."""
+    """Jobs waiting in one model's queue, all tenants together."""
     rate: float
     """Submissions per second a tenant's token bucket refills with."""
     burst: int
@@ -167,7 +165,7 @@ class Limits(Struct, frozen=True):
 
 
 SUBMIT_SCRIPT = """
--- KEYS: idempotency key (unused when ARGV[7] is '0'), tenant's active set, RQ queue list, tenant's bucket, job key
+-- KEYS: idempotency key (unused when ARGV[7] is '0'), tenant's active set, the model's RQ queue list, tenant's bucket, job key
 -- ARGV: idempotency value, active limit, queue cap, rate, burst, idempotency TTL, '1' if idempotent, then the job's writes,
 --       each as its argument count followed by its arguments
 local idempotent = ARGV[7] == '1'

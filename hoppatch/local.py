@@ -17,8 +17,8 @@ def _plain_progress(stage: str, fraction: float, message: str) -> None:
     print(f"{fraction * 100:5.1f}%  {message}", file=sys.stderr, flush=True)
 
 
-def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
-    from hoppatch.engine.errors import EngineError, InvalidJob, ModelNotFound, UnsupportedArchitecture
+def run_local(spec: JobSpec, out: Path, device: str | None, base_patches: list[tuple[str, Path]] = ()) -> None:
+    from hoppatch.engine.errors import DeltaMismatch, EngineError, InvalidJob, ModelNotFound, UnsupportedArchitecture
     from hoppatch.engine.models import load_model
     from hoppatch.engine.pipeline import patch
 
@@ -36,8 +36,8 @@ def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
         try:
             lm = load_model(spec.model, device=device)  # bad input fails here, before any progress line
             progress("load", 0.0, f"loaded {spec.model} in {lm.load_seconds:.1f} s")
-            _, document = patch(lm, spec, out, progress=progress)
-        except (ModelNotFound, UnsupportedArchitecture, InvalidJob) as exc:
+            _, document = patch(lm, spec, out, progress=progress, base_patches=base_patches)
+        except (ModelNotFound, UnsupportedArchitecture, InvalidJob, DeltaMismatch) as exc:
             typer.echo(f"hoppatch: {exc}", err=True)
             raise typer.Exit(2) from None
         except EngineError as exc:
@@ -47,7 +47,10 @@ def run_local(spec: JobSpec, out: Path, device: str | None) -> None:
     summary = document["summary"]
     shown = {
         k: summary[k]
-        for k in ("patched", "correction_rate", "paraphrase_rate", "generalization_rate", "specificity_rate", "specificity_kept_or_right_rate", "layers")
+        for k in (
+            "patched", "correction_rate", "paraphrase_rate", "generalization_rate", "specificity_rate",
+            "specificity_kept_or_right_rate", "layers", "regressions",
+        )
     }
     typer.echo(json.dumps(shown))
     typer.echo(f"artifacts in {out}")

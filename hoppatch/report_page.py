@@ -38,7 +38,7 @@ def render(document: dict[str, Any], report_dir: Path) -> str:
         f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_SECURITY_POLICY}">',
         f"<title>hoppatch report: {escape(document['model'])}</title><style>{_STYLE}</style></head><body>",
         f"<h1>hoppatch report</h1><p>Model <code>{escape(document['model'])}</code>, hoppatch {escape(document['hoppatch_version'])}.</p>",
-        _verdict(s, report_dir),
+        _verdict(s, document.get("lineage") or {}, report_dir),
         '<section id="examples"><h2>Examples</h2>',
         *(_example(ex, report_dir) for ex in document["examples"]),
         "</section></body></html>",
@@ -46,7 +46,20 @@ def render(document: dict[str, Any], report_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def _verdict(s: dict[str, Any], report_dir: Path) -> str:
+def _lineage(lineage: dict[str, Any], s: dict[str, Any]) -> str:
+    parents = lineage.get("parents") or []
+    if not parents:
+        return "Regressions of earlier patches: none checked (no base patches)."
+    names = ", ".join(f"<code>{escape(p['label'])}</code>" for p in parents)
+    text = f"Solved on top of {names}: <strong>{s['regressions']}</strong> of their {s['regression_probes']} probes no longer hold."
+    rows = "".join(
+        f"<tr><td>{escape(r['parent'])}</td><td>{escape(r['kind'])}</td><td>{escape(r['prompt'])}</td><td>{escape(r['answer'])}</td></tr>"
+        for r in lineage.get("regressions") or []
+    )
+    return text + (f"</p><table id=regressions><tr><th>patch</th><th>kind</th><th>prompt</th><th>answer</th></tr>{rows}</table><p>" if rows else "")
+
+
+def _verdict(s: dict[str, Any], lineage: dict[str, Any], report_dir: Path) -> str:
     rows = "".join(
         f"<tr><th>{name}</th><td>{_rate(s.get(before)) if before else '–'}</td><td>{_rate(s.get(after))}</td></tr>"
         for name, after, before in _RATES
@@ -56,7 +69,7 @@ def _verdict(s: dict[str, Any], report_dir: Path) -> str:
         '<section id="verdict"><h2>Verdict</h2>'
         f"<p><strong>{s['patched']}</strong> of {s['examples']} examples were compositional failures and patched; "
         f"<strong>{s['dropped']}</strong> dropped (the update could not correct them); layers {escape(str(s['layers']))}, "
-        f"rank {s['rank']}. Regressions of earlier patches: none checked (no base patches).</p>"
+        f"rank {s['rank']}. {_lineage(lineage, s)}</p>"
         f"<table><tr><th>rate</th><th>before</th><th>after</th></tr>{rows}</table>"
         f"<p>Perplexity on the fluency text: {ppl}; KL drift {_number(s.get('kl_drift'))}. "
         "Thresholds are the caller's: <code>hoppatch submit --fail-under correction=0.9</code> gates on these rates.</p>"

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .routing import Routes, parse_models
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
@@ -52,9 +54,16 @@ class Settings:
     """Bytes each warm model's caches (readings, locate rows, keys, statistics) may hold together."""
     statistics_disk_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_STATISTICS_DISK_MIB", "4096")) << 20)
     """Bytes the on-disk cache of preserved-key statistics may hold; least recently used files go first."""
+    served_models: tuple[str, ...] = field(default_factory=lambda: parse_models(_env("HOPPATCH_SERVED_MODELS", "")))
+    """Models that worker groups serve, each with its own queue (see `hoppatch.routing`); empty: any model,
+    one shared queue."""
     model_cache_size: int = field(default_factory=lambda: int(_env("HOPPATCH_MODEL_CACHE_SIZE", "1")))
     """Models each worker keeps warm."""
     worker_metrics_port: int = field(default_factory=lambda: int(_env("HOPPATCH_WORKER_METRICS_PORT", "9101")))
     """Port of a worker's Prometheus endpoint; 0 switches it off."""
     device: str | None = field(default_factory=lambda: os.environ.get("HOPPATCH_DEVICE") or None)
     """`cpu`, `cuda`, `cuda:1`…; default: the GPU when there is one."""
+
+    @property
+    def routes(self) -> Routes:
+        return Routes(self.served_models)

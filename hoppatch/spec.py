@@ -76,7 +76,10 @@ class Budget(Struct, frozen=True, forbid_unknown_fields=True):
     """Wall-clock limit of the whole job, model load excluded."""
 
 
-ModelRef = Annotated[str, Meta(min_length=1, max_length=512)]
+ModelRef = Annotated[str, Meta(min_length=1, max_length=512, pattern="^[^\\x00-\\x1f\\x7f]+$")]
+"""No control characters: a NUL cannot name a file."""
+JobId = Annotated[str, Meta(pattern="^job_[0-9a-f]{24}$")]
+MAX_BASE_PATCHES = 32
 
 
 Examples = Annotated[list[TwoHopExample], Meta(min_length=1, max_length=MAX_EXAMPLES)]
@@ -103,6 +106,9 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
     preamble: Annotated[str, Meta(max_length=4 * MAX_PROMPT_CHARS)] = ""
     """A few-shot prefix put before every prompt; base models answer clozes much better with one."""
     metadata: Annotated[dict[str, Annotated[str, Meta(max_length=512)]], Meta(max_length=16)] = {}
+    base_patches: Annotated[list[JobId], Meta(max_length=MAX_BASE_PATCHES)] = []
+    """Earlier succeeded jobs of the same tenant and model, oldest first: their deltas are applied in order,
+    the new patch is solved on top of them, and their probes are re-run as a regression suite."""
 
     def __post_init__(self) -> None:
         if isinstance(self.examples, ExamplesDocument):
@@ -110,11 +116,14 @@ class JobSpec(Struct, frozen=True, forbid_unknown_fields=True):
         check_unique_ids(self.examples)
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError(REPEATED_LAYERS)
+        if len(set(self.base_patches)) != len(self.base_patches):
+            raise ValueError(REPEATED_BASE_PATCHES)
 
 
 DUPLICATE_IDS = "example ids must be unique"
 REPEATED_LAYERS = "layers must not repeat"
-CROSS_FIELD_RULES = {DUPLICATE_IDS: "/examples", REPEATED_LAYERS: "/layers"}
+REPEATED_BASE_PATCHES = "base_patches must not repeat"
+CROSS_FIELD_RULES = {DUPLICATE_IDS: "/examples", REPEATED_LAYERS: "/layers", REPEATED_BASE_PATCHES: "/base_patches"}
 """The rules a JSON Schema cannot state field by field, each with the JSON pointer of what breaks it."""
 
 

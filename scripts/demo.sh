@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: a real patch of the built-in Gemma 3 270M through the real service.
-# Starts Redis, the API and a worker, submits the shipped examples over HTTP, waits, prints the result.
+# Starts Redis, the API and a worker, submits the shipped examples over HTTP, waits, prints the result; then
+# submits a second release's failures as a patch on top of the first, re-checking the first patch's probes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -22,8 +23,15 @@ out=".hoppatch/demo-artifacts/$(date +%Y%m%d-%H%M%S)"
 started=$(date +%s)
 .venv/bin/hoppatch submit --server "http://127.0.0.1:$api_port" --model builtin:gemma-3-270m \
   --examples examples/gemma-3-270m.json --preamble-file examples/preamble.txt \
-  --wait --download "$out" --json "$@"
+  --wait --download "$out" --json "$@" | tee "$run/first.out"
 echo "end-to-end $(( $(date +%s) - started )) s; artifacts downloaded to $out"
+first=$(head -1 "$run/first.out")
+echo "next release: new failures, patched on top of $first; its probes are re-run as a regression check"
+.venv/bin/hoppatch submit --server "http://127.0.0.1:$api_port" --model builtin:gemma-3-270m \
+  --examples examples/gemma-3-270m-next.json --preamble-file examples/preamble.txt \
+  --base-patch "$first" --fail-on-regression --download "$out-stacked" --json "$@"
+echo "stacked patch downloaded to $out-stacked; apply both in order with:"
+echo "  .venv/bin/hoppatch apply --model builtin:gemma-3-270m --delta $out/delta.safetensors --delta $out-stacked/delta.safetensors --out DIR"
 echo "worker metrics (http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics):"
 curl -s "http://127.0.0.1:$HOPPATCH_WORKER_METRICS_PORT/metrics" \
   | grep -E '^hoppatch_worker_(jobs_total|stage_seconds_sum|examples_patched_total|model_cache_total|model_load_seconds_sum)' || true

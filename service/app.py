@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 from hoppatch import __version__
 from hoppatch.artifacts import open_artifact_store, sweep_artifacts
 from hoppatch.connection import connect, connect_async
-from hoppatch.jobs import QUEUE_NAME, SUBMIT_SCRIPT, JobStore
+from hoppatch.jobs import SUBMIT_SCRIPT, JobStore
 from hoppatch.settings import Settings
 
 from .auth import HEADER, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     client = connect(settings.redis_url, max_connections=64)
     store = JobStore(client, settings.retention_seconds)
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+    by_label = {label: Queue(name, connection=client, serializer=JSONSerializer) for label, name in settings.routes.queues().items()}
     aredis = connect_async(settings.redis_url)
     artifacts = open_artifact_store(settings)
     state = State(
@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
             "streams": OpenStreams(),
             "store": store,
-            "queue": queue,
+            "queues": {queue.name: queue for queue in by_label.values()},
+            "queues_by_label": by_label,
             "artifacts": artifacts,
         }
     )
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     def maintain(rounds: int) -> None:
         store.reap_lost()
-        QUEUE_STATS.refresh(store, queue)
+        QUEUE_STATS.refresh(store, by_label)
         if rounds % int(SWEEP_SECONDS / interval) == 0:
             sweep_artifacts(store, artifacts)
 

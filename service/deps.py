@@ -14,8 +14,9 @@ def provide_store(state: State) -> JobStore:
     return state.store
 
 
-def provide_queue(state: State) -> Queue:
-    return state.queue
+def provide_queues(state: State) -> dict[str, Queue]:
+    """RQ's queues by name: the shared one, or one per served model."""
+    return state.queues
 
 
 def provide_artifacts(state: State) -> ArtifactStore:

@@ -12,14 +12,15 @@ from redis.commands.core import AsyncScript
 from rq import Queue
 
 from hoppatch.jobs import (
-    NO_IDEMPOTENCY_KEY, RQ_QUEUE_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
+    NO_IDEMPOTENCY_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
     job_key, new_job_id, now, tenant_active_key, tenant_bucket_key,
 )
+from hoppatch.routing import Routes, rq_queue_key
 from hoppatch.settings import Settings
 from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
 from .auth import ApiKey
-from .problems import IdempotencyConflict, JobNotFound, JobRejected, ModelNotAllowed, NotCancellable, TooManyRequests
+from .problems import IdempotencyConflict, JobNotFound, JobRejected, ModelNotAllowed, ModelNotServed, NotCancellable, TooManyRequests
 
 LOAD_ALLOWANCE_SECONDS = 600
 """Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model. The engine's
@@ -41,6 +42,30 @@ def check_model(ref: str, model_roots: tuple[Path, ...], key: ApiKey) -> None:
         raise ModelNotAllowed(f"this API key may patch only: {', '.join(key.models)}", "/model")
 
 
+def route(ref: str, routes: Routes) -> str:
+    """The queue a job for `ref` waits in; 422 where no worker group serves the model."""
+    queue_name = routes.queue_for(ref)
+    if queue_name is None:
+        raise ModelNotServed(f"no worker group serves {ref!r}; this service serves: {', '.join(routes.served)}", "/model")
+    return queue_name
+
+
+async def check_base_patches(aredis: aioredis.Redis, tenant: str, spec: JobSpec) -> None:
+    """Each base patch is a succeeded job of the same tenant and model (its delta is what the worker applies)."""
+    if not spec.base_patches:
+        return
+    raws = await aredis.mget([job_key(job_id) for job_id in spec.base_patches])
+    for i, (job_id, raw) in enumerate(zip(spec.base_patches, raws)):
+        record = JobStore.parse(raw)
+        pointer = f"/base_patches/{i}"
+        if record is None or record.tenant != tenant:
+            raise JobRejected(f"base patch {job_id}: no such job (or it has expired)", pointer)
+        if record.status is not JobStatus.SUCCEEDED:
+            raise JobRejected(f"base patch {job_id} is {record.status.value}; only a succeeded job has a delta", pointer)
+        if record.model != spec.model:
+            raise JobRejected(f"base patch {job_id} patched {record.model!r}, not {spec.model!r}", pointer)
+
+
 def check_spec(spec: JobSpec, key: ApiKey, settings: Settings) -> None:
     if len(spec.examples) > settings.max_examples:
         raise JobRejected(f"{len(spec.examples)} examples; this service takes at most {settings.max_examples} per job", "/examples")
@@ -54,7 +79,8 @@ def limits(settings: Settings) -> Limits:
 
 
 async def submit(
-    store: JobStore, admit: AsyncScript, queue: Queue, key: ApiKey, spec: JobSpec, idempotency: str | None, settings: Settings
+    store: JobStore, admit: AsyncScript, queues: dict[str, Queue], key: ApiKey, spec: JobSpec, idempotency: str | None,
+    settings: Settings,
 ) -> tuple[JobRecord, bool]:
     """Create and enqueue a job; returns (job, created). Nothing is stored unless it is valid and admitted.
 
@@ -63,7 +89,9 @@ async def submit(
     """
     tenant = key.tenant
     check_model(spec.model, settings.model_roots, key)
+    queue = queues[route(spec.model, settings.routes)]
     check_spec(spec, key, settings)
+    await check_base_patches(admit.registered_client, tenant, spec)
     spec_json = msgspec.json.encode(spec)
     digest = hashlib.sha256(spec_json).hexdigest()
     job_id = new_job_id()
@@ -81,7 +109,7 @@ async def submit(
     store.creation_commands(record, spec_json, staged)
     quota = limits(settings)
     claim = idempotency_key(tenant, idempotency) if idempotency else NO_IDEMPOTENCY_KEY
-    keys = [claim, tenant_active_key(tenant), RQ_QUEUE_KEY, tenant_bucket_key(tenant), job_key(job_id)]
+    keys = [claim, tenant_active_key(tenant), rq_queue_key(queue.name), tenant_bucket_key(tenant), job_key(job_id)]
     args = [f"{job_id} {digest}", quota.tenant_active, quota.queue_cap, quota.rate, quota.burst, IDEMPOTENCY_TTL, int(bool(idempotency))]
     verdict, detail = await admit(keys=keys, args=[*args, *flatten_commands(staged)])
     match verdict.decode():
@@ -115,7 +143,7 @@ def get_job(store: JobStore, tenant: str, job_id: str) -> JobRecord:
     return record
 
 
-def cancel(store: JobStore, queue: Queue, tenant: str, job_id: str) -> JobRecord:
+def cancel(store: JobStore, queues: dict[str, Queue], routes: Routes, tenant: str, job_id: str) -> JobRecord:
     """Queued: cancelled at once. Running: `cancelling` until the worker stops. Ended: 409 (cancelled: as is)."""
     record = get_job(store, tenant, job_id)
     if record.status in (JobStatus.CANCELLED, JobStatus.CANCELLING):
@@ -125,8 +153,10 @@ def cancel(store: JobStore, queue: Queue, tenant: str, job_id: str) -> JobRecord
     store.request_cancel(job_id)
     done = store.transition(job_id, JobStatus.CANCELLED, {JobStatus.QUEUED}, finished_at=now())
     if done:
+        queue = queues.get(routes.queue_for(record.model) or "")
         try:
-            queue.remove(job_id)
+            if queue is not None:
+                queue.remove(job_id)
         except redis.RedisError:
             pass  # the task returns at once anyway: the record says cancelled
         return done

@@ -22,31 +22,35 @@ def model_label(ref: str) -> str:
 
 
 class QueueCollector(Collector):
-    """Serves queue depth and job counts by state as last read by `refresh`, so a scrape never waits on Redis
-    (the app refreshes them from a thread every few seconds)."""
+    """Serves queue depth and live workers per served model, and job counts by state, as last read by
+    `refresh`, so a scrape never waits on Redis (the app refreshes them from a thread every few seconds).
+    The model label takes the configured served models, or `any` for the shared queue: a bounded set."""
 
     def __init__(self) -> None:
-        self.depth: int | None = None
+        self.queues: dict[str, tuple[int, int]] | None = None  # label → (depth, live workers)
         self.counts: dict[str, int] = {}
-        self.workers = 0
 
-    def refresh(self, store: JobStore, queue: Queue) -> None:
-        depth, counts, workers = queue.count, store.status_counts(), Worker.count(connection=queue.connection, queue=queue)
-        self.depth, self.counts, self.workers = depth, counts, workers
+    def refresh(self, store: JobStore, queues: dict[str, Queue]) -> None:
+        self.queues = read_queues(queues)
+        self.counts = store.status_counts()
 
     def collect(self):
-        if self.depth is None:
+        if self.queues is None:
             return
-        depth = GaugeMetricFamily("hoppatch_queue_depth", "Jobs waiting in the RQ queue.")
-        depth.add_metric([], self.depth)
+        depth = GaugeMetricFamily("hoppatch_queue_depth", "Jobs waiting in a model's queue.", labels=["model"])
+        live = GaugeMetricFamily("hoppatch_workers_live", "Worker processes listening to a model's queue and heartbeating.", labels=["model"])
+        for label, (waiting, workers) in sorted(self.queues.items()):
+            depth.add_metric([label], waiting)
+            live.add_metric([label], workers)
         states = GaugeMetricFamily("hoppatch_jobs", "Job records by status (within retention).", labels=["status"])
         for status in JobStatus:
             states.add_metric([status.value], self.counts.get(status.value, 0))
-        live = GaugeMetricFamily("hoppatch_workers_live", "Worker processes registered on the queue and heartbeating.")
-        live.add_metric([], self.workers)
-        yield depth
-        yield states
-        yield live
+        yield from (depth, live, states)
+
+
+def read_queues(queues: dict[str, Queue]) -> dict[str, tuple[int, int]]:
+    """(jobs waiting, live workers) for each queue, by its label."""
+    return {label: (queue.count, Worker.count(connection=queue.connection, queue=queue)) for label, queue in queues.items()}
 
 
 QUEUE_STATS = QueueCollector()

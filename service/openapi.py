@@ -30,8 +30,9 @@ def complete_schemas(app: Litestar) -> None:
             schema.additional_properties = False
         for field in inspect.type_info(struct).fields:
             constrain(schema.properties[field.encode_name], field.type)
-    layers = schemas["JobSpec"].properties["layers"].one_of[0]
-    layers.unique_items = True  # the rule JobSpec.__post_init__ checks, which msgspec cannot state
+    # the rules JobSpec.__post_init__ checks, which msgspec cannot state
+    schemas["JobSpec"].properties["layers"].one_of[0].unique_items = True
+    schemas["JobSpec"].properties["base_patches"].unique_items = True
 
 
 def constrain(schema: Schema, kind: inspect.Type) -> None:

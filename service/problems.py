@@ -42,6 +42,12 @@ class JobRejected(ServiceError):
     status, slug, title = 422, "invalid-job", "The job cannot be accepted"
 
 
+class ModelNotServed(ServiceError):
+    """No configured worker group serves the job's model (`HOPPATCH_SERVED_MODELS`)."""
+
+    status, slug, title = 422, "model-not-served", "No worker serves this model"
+
+
 class IdempotencyConflict(ServiceError):
     """The Idempotency-Key was used before with another body."""
 

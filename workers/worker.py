@@ -25,7 +25,8 @@ from rq.serializers import JSONSerializer
 from hoppatch.artifacts import open_artifact_store
 from hoppatch.connection import connect
 from hoppatch.engine.warm import WarmBudget
-from hoppatch.jobs import QUEUE_NAME, JobStore
+from hoppatch.jobs import JobStore
+from hoppatch.routing import model_queue
 from hoppatch.settings import Settings
 
 from . import metrics, tasks
@@ -47,35 +48,45 @@ def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> Non
             log.warning("reaper: %s", exc)
 
 
-def run_worker(settings: Settings, burst: bool = False, preload: str | None = None) -> None:
-    """Serve jobs until stopped (or, with `burst`, until the queue is empty)."""
+def listened_queues(settings: Settings, models: tuple[str, ...]) -> list[str]:
+    """The queues of `models`; without any, every queue the configured routes have (the shared one when no
+    models are configured)."""
+    return [model_queue(model) for model in models] if models else list(settings.routes.queues().values())
+
+
+def run_worker(settings: Settings, burst: bool = False, preload: str | None = None, models: tuple[str, ...] = ()) -> None:
+    """Serve jobs until stopped (or, with `burst`, until the queues are empty). With `models`, listen only to
+    those models' queues and load them first."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     store = JobStore(connect(settings.redis_url), settings.retention_seconds)
-    models = ModelCache(
-        settings.model_cache_size, list(settings.model_roots), settings.device, warm_budget=WarmBudget.within(settings.warm_cache_bytes)
+    cache = ModelCache(
+        max(settings.model_cache_size, len(models)), list(settings.model_roots), settings.device,
+        warm_budget=WarmBudget.within(settings.warm_cache_bytes),
     )
     name = f"hoppatch-{socket.gethostname()}-{os.getpid()}"
     tasks.configure(tasks.WorkerContext(
-        store, open_artifact_store(settings), models, settings.heartbeat_timeout, name, settings.statistics_disk_bytes
+        store, open_artifact_store(settings), cache, settings.heartbeat_timeout, name, settings.statistics_disk_bytes
     ))
-    metrics.watch_warm_caches(models.warm_states)
+    metrics.watch_warm_caches(cache.warm_states)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
     # Everything imported so far (torch, transformers: millions of objects) lives as long as the process;
     # without this, each full garbage collection walks them all and stalls a job for about 0.2 s.
     gc.freeze()
-    if preload:
-        models.get(preload)
+    for ref in (*models, *([preload] if preload else [])):
+        cache.get(ref)
+    queues = listened_queues(settings, models)
+    log.info("listening to %s", ", ".join(queues))
     stop = threading.Event()
     threading.Thread(target=reap_forever, args=(store, max(1.0, settings.heartbeat_timeout / 4), stop), daemon=True).start()
     try:
-        _work_until_stopped(settings.redis_url, name, burst)
+        _work_until_stopped(settings.redis_url, queues, name, burst)
     finally:
         stop.set()
 
 
-def _work_until_stopped(redis_url: str, name: str, burst: bool) -> None:
+def _work_until_stopped(redis_url: str, queue_names: list[str], name: str, burst: bool) -> None:
     # RQ raises its connection's socket timeout to outlast a blocking dequeue: it gets a client of its own,
     # so the job store's commands keep their short timeouts.
     connection = connect(redis_url)
@@ -83,7 +94,7 @@ def _work_until_stopped(redis_url: str, name: str, burst: bool) -> None:
     for generation in range(1_000_000):
         # A worker that lost Redis may leave its registration behind, live until its TTL: a new name each time.
         worker = SimpleWorker(
-            [Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)],
+            [Queue(queue_name, connection=connection, serializer=JSONSerializer) for queue_name in queue_names],
             connection=connection, name=name if generation == 0 else f"{name}.{generation}",
             serializer=JSONSerializer, worker_ttl=WORKER_TTL,
         )

@@ -17,6 +17,24 @@ from .edit import LayerDelta
 from .models import Architecture
 
 
+def save_chain_adapter(directory: Path, chain: Sequence[Path], arch: Architecture, base_model: str) -> int:
+    """One adapter for a chain of delta files: per module the factors side by side, so the ΔWs add up and so do
+    the ranks. Returns the adapter's rank."""
+    from .delta import read_delta
+
+    merged: dict[str, LayerDelta] = {}
+    for path in chain:
+        delta = read_delta(path)
+        layers = dict(zip(json.loads(delta.metadata["modules"]), json.loads(delta.metadata["layers"])))
+        for module, (left, right) in delta.factors.items():
+            earlier = merged.get(module)
+            if earlier is not None:
+                left, right = torch.cat([earlier.left, left.float()], dim=1), torch.cat([earlier.right, right.float()], dim=0)
+            merged[module] = LayerDelta(layers[module], module, left.float(), right.float(), relative_norm=0.0)
+    save_adapter(directory, list(merged.values()), arch, base_model)
+    return max(d.rank for d in merged.values())
+
+
 def save_adapter(directory: Path, deltas: Sequence[LayerDelta], arch: Architecture, base_model: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     r = max(d.rank for d in deltas)

@@ -2,7 +2,8 @@
 
 `delta.safetensors` holds, per edited projection `<module>`, the tensors `<module>.delta_left` (out, r) and
 `<module>.delta_right` (r, in), so that ΔW = left @ right in (out, in) orientation. Its metadata records the
-base model, the sha256 of each touched base weight (as stored, with its dtype), layers, method and budget.
+base model, the sha256 of each touched weight it was solved against (as stored, with its dtype), layers,
+method and budget, its parents (earlier deltas it was solved on top of) and its regression suite.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ def save_delta(
     base_hashes: dict[str, str],
     conv1d: bool,
     budget: dict,
+    parents: Sequence[dict] = (),
+    regression_suite: Sequence[dict] = (),
 ) -> None:
+    """`parents`: the deltas it was solved on top of ({label, sha256}, oldest first); `regression_suite`: the
+    probes it must keep holding when later patches stack on it (see `lineage`)."""
     tensors: dict[str, torch.Tensor] = {}
     for d in deltas:
         tensors[f"{d.module}.delta_left"] = d.left.contiguous()
@@ -59,6 +64,8 @@ def save_delta(
         "modules": json.dumps([d.module for d in deltas]),
         "base_sha256": json.dumps(base_hashes),
         "budget": json.dumps(budget),
+        "parents": json.dumps(list(parents)),
+        "regression_suite": json.dumps(list(regression_suite)),
     }
     save_file(tensors, str(path), metadata=metadata)
 
@@ -75,6 +82,10 @@ class DeltaFile:
     @property
     def conv1d(self) -> bool:
         return self.metadata.get("storage") == "conv1d_in_out"
+
+    @property
+    def parents(self) -> list[dict]:
+        return json.loads(self.metadata.get("parents", "[]"))
 
 
 def read_delta(path: str | Path) -> DeltaFile:

@@ -43,6 +43,7 @@ from .edit import (
 from .errors import InvalidJob, NoCompositionFailure
 from .evaluate import FluencyReading, Probe, ProbeOutcome, build_probes, kl_drift, read_fluency, read_probes
 from .lens import LensCurve, first_token, logit_lens
+from .lineage import BasePatch, stacked
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
 from .tracing import attn_out_gradients
@@ -65,6 +66,15 @@ class JobOutcome:
     base_hashes: dict[str, str] = field(default_factory=dict)
     scales: list[float] | None = None  # per patched example, its share of the update after calibration
     seconds: dict[str, float] = field(default_factory=dict)
+    parents: list[BasePatch] = field(default_factory=list)
+    """The earlier patches this one was solved on top of, oldest first."""
+    regression_held: list[bool] = field(default_factory=list)
+    """Per probe of the parents' suites, in order: whether it still holds with this patch applied."""
+
+    @property
+    def regressions(self) -> list[tuple[BasePatch, Probe]]:
+        suite = [(parent, probe) for parent in self.parents for probe in parent.suite]
+        return [entry for entry, held in zip(suite, self.regression_held) if not held]
 
 
 @dataclass
@@ -207,17 +217,19 @@ def run_job(
     should_stop: Callable[[], bool] | None = None,
     config: EditConfig = EditConfig(),
     fluency: bool = True,
+    parents: Sequence[BasePatch] = (),
 ) -> JobOutcome:
     """Diagnose, locate, prepare, edit and evaluate; the model is back to its base weights on return.
 
     `fluency=False` leaves out the fluency text (perplexity and KL drift stay None): for tuning runs, where
-    only the probes are compared.
+    only the probes are compared. `parents` are the patches already applied (see `lineage.stacked`): their
+    suites are re-read with this edit applied.
     """
     if spec.layers and max(spec.layers) >= lm.num_layers:
         raise InvalidJob(f"layers {spec.layers} asked for, but {lm.ref} has {lm.num_layers} layers (0..{lm.num_layers - 1})")
     check_lengths(lm, spec)
     context = RunContext(spec.budget.max_seconds, should_stop, progress)
-    outcome = JobOutcome(spec, [], [], seconds=context.seconds)
+    outcome = JobOutcome(spec, [], [], seconds=context.seconds, parents=list(parents))
     with running(context):
         return _run_stages(lm, spec, outcome, context, config, fluency)
 
@@ -275,6 +287,8 @@ def _run_stages(
             apply_layer_delta(lm, delta)
         with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
             after = read_probes(lm, probes, pre)
+            suite = [probe for parent in outcome.parents for probe in parent.suite]
+            outcome.regression_held = [reading.gives for reading in read_probes(lm, suite, "")] if suite else []
             if fluency is not None:
                 patched = read_fluency(lm, fluency)
                 outcome.perplexity_before, outcome.perplexity_after = fluency.perplexity, patched.perplexity
@@ -312,11 +326,15 @@ def base_fluency(lm: LoadedModel) -> FluencyReading:
 
 
 def patch(lm: LoadedModel, spec: JobSpec, out_dir: Path, *, progress: ProgressFn | None = None,
-          should_stop: Callable[[], bool] | None = None) -> tuple[JobOutcome, dict]:
-    """The whole job as a user runs it: `run_job`, then `publish` into `out_dir`. Returns the outcome and metrics."""
+          should_stop: Callable[[], bool] | None = None, base_patches: Sequence[tuple[str, Path]] = ()) -> tuple[JobOutcome, dict]:
+    """The whole job as a user runs it: `run_job`, then `publish` into `out_dir`. Returns the outcome and metrics.
+
+    `base_patches` ((label, delta file), oldest first) are applied before the job and removed after it: the new
+    patch is solved on top of them, and their regression suites are re-read."""
     from .publish import publish
 
-    outcome = run_job(lm, spec, progress=progress, should_stop=should_stop)
+    with stacked(lm, base_patches) as parents:
+        outcome = run_job(lm, spec, progress=progress, should_stop=should_stop, parents=parents)
     if progress:
         progress("publish", 0.8, "writing artifacts")
     return outcome, publish(outcome, lm, out_dir)

@@ -20,6 +20,7 @@ from hoppatch import __version__
 from .adapter import save_adapter
 from .delta import save_delta
 from .evaluate import rates
+from .lineage import regression_suite
 from .models import LoadedModel
 from .pipeline import JobOutcome
 from .report import plot_example, plot_summary
@@ -62,6 +63,8 @@ def metrics(outcome: JobOutcome) -> dict:
         "layers": outcome.layers,
         "rank": max((d.rank for d in edit.deltas), default=0) if edit else 0,
         "dropped": len(dropped),
+        "regressions": len(outcome.regressions),
+        "regression_probes": len(outcome.regression_held),
         "relative_norms": {d.layer: round(d.relative_norm, 6) for d in edit.deltas} if edit else {},
         "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()},
     }
@@ -100,7 +103,18 @@ def metrics(outcome: JobOutcome) -> dict:
         "summary": summary,
         "examples": examples,
         "locate": {"mean_effect": located.mean_effect, "layers": located.layers} if located else None,
+        "lineage": {
+            "parents": _parents(outcome),
+            "regressions": [
+                {"parent": parent.label, "example_id": probe.example_id, "kind": probe.kind, "prompt": probe.prompt, "answer": probe.answer}
+                for parent, probe in outcome.regressions
+            ],
+        },
     }
+
+
+def _parents(outcome: JobOutcome) -> list[dict]:
+    return [{"label": parent.label, "sha256": parent.sha256} for parent in outcome.parents]
 
 
 def _reading(reading) -> dict:
@@ -126,6 +140,8 @@ def publish(outcome: JobOutcome, lm: LoadedModel, out_dir: Path) -> dict:
             base_hashes=outcome.base_hashes,
             conv1d=lm.arch.conv1d,
             budget=budget,
+            parents=_parents(outcome),
+            regression_suite=regression_suite(outcome.probes, outcome.spec.preamble),
         )
         save_adapter(staging / "adapter", outcome.edit.deltas, lm.arch, outcome.spec.model)
         report = staging / "report"

@@ -7,7 +7,8 @@ from litestar import Controller, Request, Response, get
 from litestar.openapi import ResponseSpec
 from rq import Worker
 
-from ..schemas import Health
+from ..metrics import read_queues
+from ..schemas import Health, ModelQueue
 
 
 class HealthController(Controller):
@@ -20,12 +21,16 @@ class HealthController(Controller):
 
     @get("/readyz", operation_id="Ready", sync_to_thread=True, responses={503: ResponseSpec(Health, description="Not ready")})
     def readyz(self, request: Request) -> Response[Health]:
-        """Redis answers and at least one worker is alive (503 otherwise)."""
+        """Redis answers and at least one worker is alive (503 otherwise); queue depth and live workers per
+        served model."""
         state = request.app.state
         try:
             state.redis.ping()
-            workers = Worker.count(connection=state.redis, queue=state.queue)
+            queues = read_queues(state.queues_by_label)
         except redis.RedisError:
             return Response(Health("unavailable", redis=False, workers=0), status_code=503)
+        models = {label: ModelQueue(queued, workers) for label, (queued, workers) in queues.items()}
+        workers = Worker.count(connection=state.redis)
         ready = workers > 0
-        return Response(Health("ok" if ready else "no-workers", redis=True, workers=workers), status_code=200 if ready else 503)
+        health = Health("ok" if ready else "no-workers", redis=True, workers=workers, models=models)
+        return Response(health, status_code=200 if ready else 503)

@@ -23,7 +23,7 @@ from hoppatch.spec import JobSpec
 
 from .. import jobs
 from ..metrics import JOBS_SUBMITTED, model_label
-from ..deps import provide_artifacts, provide_queue, provide_settings, provide_store
+from ..deps import provide_artifacts, provide_queues, provide_settings, provide_store
 from ..problems import PROBLEM_JSON, ArtifactNotFound, NoMetrics, TooManyRequests
 from ..schemas import Event, EventList, Job, JobPage, Problem
 
@@ -74,7 +74,7 @@ class JobController(Controller):
     security = [{"ApiKey": []}]
     dependencies = {
         "store": Provide(provide_store, sync_to_thread=False),
-        "queue": Provide(provide_queue, sync_to_thread=False),
+        "queues": Provide(provide_queues, sync_to_thread=False),
         "artifacts": Provide(provide_artifacts, sync_to_thread=False),
         "settings": Provide(provide_settings, sync_to_thread=False),
     }
@@ -85,12 +85,12 @@ class JobController(Controller):
         request: Request,
         data: JobSpec,
         store: JobStore,
-        queue: Queue,
+        queues: dict[str, Queue],
         settings: Settings,
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
-        record, created = await jobs.submit(store, request.app.state.admit, queue, request.auth, data, idempotency_key, settings)
+        record, created = await jobs.submit(store, request.app.state.admit, queues, request.auth, data, idempotency_key, settings)
         if created:
             JOBS_SUBMITTED.labels(model_label(record.model)).inc()
         return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
@@ -117,9 +117,9 @@ class JobController(Controller):
         return Job.of(jobs.get_job(store, request.user, job_id))
 
     @post("/{job_id:str}/cancel", operation_id="CancelJob", status_code=200, sync_to_thread=True, responses=problems(*COMMON, 404, 409))
-    def cancel_job(self, request: Request, store: JobStore, queue: Queue, job_id: str) -> Job:
+    def cancel_job(self, request: Request, store: JobStore, queues: dict[str, Queue], settings: Settings, job_id: str) -> Job:
         """Cancel: a queued job at once, a running one at the worker's next step (status `cancelling`)."""
-        return Job.of(jobs.cancel(store, queue, request.user, job_id))
+        return Job.of(jobs.cancel(store, queues, settings.routes, request.user, job_id))
 
     @get("/{job_id:str}/events", operation_id="ListJobEvents", sync_to_thread=True, responses=problems(*COMMON, 404))
     def list_events(

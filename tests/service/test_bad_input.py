@@ -2,13 +2,13 @@
 
 import pytest
 
-from hoppatch.jobs import QUEUE_NAME
+from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 
 from .conftest import job_body
 
 
 def _nothing_stored(redis_client, key_count_before: int) -> bool:
-    return redis_client.llen(f"rq:queue:{QUEUE_NAME}") == 0 and redis_client.dbsize() == key_count_before
+    return redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 0 and redis_client.dbsize() == key_count_before
 
 
 CASES = [
@@ -30,6 +30,7 @@ CASES = [
     ("absolute path outside roots", job_body(model="/etc"), 422, "/model"),
     ("not a model reference", job_body(model="rm -rf /"), 422, "/model"),
     ("home of an unknown user", job_body(model="~nobody-here-at-all/models/x"), 422, "/model"),
+    ("a NUL in the model reference", job_body(model="models/a\x00b"), 400, "/model"),
     ("huge body", "huge", 413, None),
 ]
 

@@ -2,7 +2,7 @@
 
 import json
 
-from hoppatch.jobs import QUEUE_NAME
+from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 from hoppatch.service import auth
 from hoppatch.service.auth import create_key, revoke_keys
 
@@ -10,7 +10,7 @@ from .conftest import EXAMPLES_FILE, job_body
 
 
 def _queue_length(redis_client) -> int:
-    return redis_client.llen(f"rq:queue:{QUEUE_NAME}")
+    return redis_client.llen(rq_queue_key(SHARED_QUEUE))
 
 
 def test_create_returns_202_location_and_queues(client, key, redis_client):
@@ -116,3 +116,30 @@ def test_event_stream_ends_after_the_terminal_event_and_resumes(client, key):
     assert stream.text.count("event: status") == 2 and "event: done" in stream.text
     resumed = client.get(job["urls"]["stream"], headers={**headers, "Last-Event-ID": events[0]["id"]}).text
     assert resumed.count("event: status") == 1 and f"id: {events[1]['id']}" in resumed
+
+
+def test_base_patches_must_be_succeeded_jobs_of_the_tenant_and_model(client, key, other_key, redis_client):
+    from hoppatch.jobs import JobResult, JobStatus, JobStore
+
+    headers = {"X-API-Key": key}
+    store = JobStore(redis_client)
+    mine = client.post("/v1/jobs", json=job_body(), headers=headers).json()["id"]
+    theirs = client.post("/v1/jobs", json=job_body(), headers={"X-API-Key": other_key}).json()["id"]
+    smol = client.post("/v1/jobs", json=job_body(model="builtin:smollm2-135m"), headers=headers).json()["id"]
+    cases = [
+        ("job_" + "0" * 24, "no such job"), (theirs, "no such job"), (mine, "is queued"),
+    ]
+    for job_id, detail in cases:
+        response = client.post("/v1/jobs", json=job_body(base_patches=[job_id]), headers=headers)
+        assert response.status_code == 422 and detail in response.json()["detail"], response.text
+        assert response.json()["errors"][0]["pointer"] == "/base_patches/0"
+    for job_id in (mine, smol):
+        store.transition(job_id, JobStatus.RUNNING, {JobStatus.QUEUED})
+        store.transition(job_id, JobStatus.SUCCEEDED, {JobStatus.RUNNING}, result=JobResult([], {}))
+    wrong_model = client.post("/v1/jobs", json=job_body(base_patches=[mine, smol]), headers=headers)
+    assert wrong_model.status_code == 422 and wrong_model.json()["errors"][0]["pointer"] == "/base_patches/1"
+    repeated = client.post("/v1/jobs", json=job_body(base_patches=[mine, mine]), headers=headers)
+    assert repeated.status_code == 422 and repeated.json()["errors"][0]["pointer"] == "/base_patches"
+    stacked = client.post("/v1/jobs", json=job_body(base_patches=[mine]), headers=headers)
+    assert stacked.status_code == 202
+    assert json.loads(redis_client.get(f"hoppatch:job:{stacked.json()['id']}:spec"))["base_patches"] == [mine]

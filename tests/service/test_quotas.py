@@ -7,7 +7,7 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from hoppatch.jobs import QUEUE_NAME
+from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 from hoppatch.service.app import create_app
 from hoppatch.service.auth import create_key, list_keys, revoke_keys
 
@@ -35,7 +35,7 @@ def test_a_tenant_at_its_active_limit_gets_429_and_others_do_not(settings, key, 
         refused = _post(client, key)
         assert _problem(refused, 429)["detail"].startswith("tenant 'team-a' has 2 jobs")
         assert int(refused.headers["Retry-After"]) > 0
-        assert redis_client.dbsize() == before and redis_client.llen(f"rq:queue:{QUEUE_NAME}") == 2
+        assert redis_client.dbsize() == before and redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 2
         assert _post(client, other_key).status_code == 202
         job_id = client.get("/v1/jobs", headers={"X-API-Key": key}).json()["data"][0]["id"]
         client.post(f"/v1/jobs/{job_id}/cancel", headers={"X-API-Key": key})
@@ -98,7 +98,7 @@ def test_identical_concurrent_requests_make_one_job(settings, key, redis_client)
     responses = asyncio.run(race())
     assert [r.status_code for r in responses] == [202] * 8
     assert len({r.json()["id"] for r in responses}) == 1
-    assert redis_client.llen(f"rq:queue:{QUEUE_NAME}") == 1
+    assert redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 1
 
 
 @pytest.mark.parametrize("last_event_id", ["0-0-0", "abc", "1-", "71295237627355060231-116"])

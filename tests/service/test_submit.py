@@ -14,6 +14,7 @@ import pytest
 
 from hoppatch.engine.answers import greedy_answers
 from hoppatch.engine.tiny_models import tiny_model
+from hoppatch.engine.models import load_model
 from tests.conftest import free_port, live_service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,37 @@ def test_bad_input_exits_2_with_one_line(live, tiny_case, options, model, messag
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_job_stacked_on_an_earlier_one_reruns_its_probes_and_gates_on_regressions(live, tiny_case, tmp_path):
+    """Job B is asked on top of job A, for the same query but through another second hop with another answer:
+    where B corrects its query, A's correction probe no longer holds, and --fail-on-regression exits 1."""
+    url, env = live
+    root, examples = tiny_case
+    first = _submit(url, examples, "--wait", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    job_a = json.loads(first.stdout[first.stdout.index("{") :])
+    [example] = json.loads(examples.read_text())
+    lm = tiny_model_from(root / "tiny")
+    prompts = ["The country of Edgar Allan Poe is", "Edgar Allan Poe was born in", "The home of Poe is", "Poe lived in", "Poe was from"]
+    answers = [a.strip() for a in greedy_answers(lm, prompts, max_new_tokens=1)]
+    other_hop2 = next((p, a) for p, a in zip(prompts, answers) if a and a != example["answer"])
+    conflicting = {**example, "id": "conflicting", "answer": other_hop2[1], "hop2": {"prompt": other_hop2[0], "answer": other_hop2[1]}}
+    (tmp_path / "b.json").write_text(json.dumps([conflicting]))
+    second = _submit(
+        url, tmp_path / "b.json", "--base-patch", job_a["id"], "--fail-on-regression", "--json", model=str(root / "tiny"), env=env
+    )
+    assert "{" in second.stdout, second.stderr
+    job_b = json.loads(second.stdout[second.stdout.index("{") :])
+    assert job_b["status"] == "succeeded", second.stderr
+    summary = job_b["summary"]
+    assert summary["regression_probes"] == (1 if job_a["summary"]["correction_rate"] == 1.0 else 0)  # A's held probe
+    if summary["correction_rate"] == 1.0:  # the query now gives B's answer: A's cannot hold any more
+        assert summary["regressions"] == summary["regression_probes"]
+    assert (second.returncode == 1) is (summary["regressions"] > 0)
+    if summary["regressions"]:
+        assert "regressions=" in second.stderr
+    print("stacked on a tiny model:", summary["correction_rate"], summary["regressions"], summary["regression_probes"])
+
+
 def test_a_missing_examples_file_exits_2(tiny_case, tmp_path):
     done = _submit("http://127.0.0.1:9", tmp_path / "missing.json")
     assert done.returncode == 2 and "cannot read" in done.stderr
@@ -136,6 +168,10 @@ def test_the_client_waits_out_a_rate_limit_and_one_submission_makes_one_job(redi
         assert first["id"] != second["id"]
         ids = [j["id"] for j in client.request("GET", "/v1/jobs", params={"limit": 100}).json()["data"]]
         assert sorted(set(ids) - earlier) == sorted([first["id"], second["id"]])  # the 429 left no job behind
+
+
+def tiny_model_from(path: Path):
+    return load_model(str(path), device="cpu", model_roots=[path.parent])
 
 
 def msgspec_builtins(value):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
+from hoppatch.engine.tiny_models import tiny_model
 from hoppatch.settings import Settings
 from hoppatch.service.app import create_app
 
@@ -30,18 +31,20 @@ HEARTBEAT_TIMEOUT = 6.0
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, log: Path):
+    def __init__(self, settings: Settings, log: Path, args: tuple[str, ...] = ("--preload", "builtin:gemma-3-270m")):
         self.metrics_port = free_port()
         env = {
             **os.environ,
             "HOPPATCH_REDIS_URL": settings.redis_url,
             "HOPPATCH_ARTIFACT_DIR": str(settings.artifact_dir),
             "HOPPATCH_ARTIFACT_URL": settings.artifact_url,
+            "HOPPATCH_SERVED_MODELS": ",".join(settings.served_models),
+            "HOPPATCH_MODEL_ROOTS": os.pathsep.join(map(str, settings.model_roots)),
             "HOPPATCH_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
             "HOPPATCH_WORKER_METRICS_PORT": str(self.metrics_port),
         }
         self.log = log.open("ab")
-        command = [sys.executable, "-m", "hoppatch.cli", "worker", "--preload", "builtin:gemma-3-270m"]
+        command = [sys.executable, "-m", "hoppatch.cli", "worker", *args]
         self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self, sig=signal.SIGTERM) -> None:
@@ -168,3 +171,38 @@ def test_killed_worker_fails_its_job_and_a_new_worker_takes_over(service, worker
     finally:
         replacement.stop()
 
+
+def test_each_job_lands_on_the_worker_that_has_its_model_warm(redis_url, redis_client, tmp_path):
+    """Two served models (the built-in one and a tiny local one), one worker group each: every job runs on
+    its model's worker, and neither worker loads a model after its start (cache hits only)."""
+    tiny = tmp_path / "models" / "tiny-llama"
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tiny)
+    lm.tokenizer.save_pretrained(tiny)
+    gemma = "builtin:gemma-3-270m"
+    settings = Settings(
+        redis_url=redis_url, artifact_dir=tmp_path / "artifacts", auth=False, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+        model_roots=(tmp_path / "models",), served_models=(gemma, str(tiny)),
+    )
+    with TestClient(app=create_app(settings), timeout=30) as client:
+        workers = {
+            gemma: WorkerProcess(settings, tmp_path / "gemma.log", ("--models", gemma)),
+            str(tiny): WorkerProcess(settings, tmp_path / "tiny.log", ("--models", str(tiny))),
+        }
+        try:
+            _until(lambda: all(m["workers"] == 1 for m in client.get("/readyz").json().get("models", {}).values()), 300,
+                   "the two worker groups never came up", workers[gemma])
+            jobs = [
+                (model, client.post("/v1/jobs", json=job_body(model=model, preamble=PREAMBLE)).json()["id"])
+                for model in (str(tiny), gemma, str(tiny), gemma)
+            ]
+            for model, job_id in jobs:
+                done = _until(lambda: (j := _job(client, job_id))["status"] in ("succeeded", "failed") and j, 600, "job did not end", workers[model])
+                assert done["worker"].endswith(f"-{workers[model].proc.pid}"), (model, done["worker"])
+            for worker in workers.values():
+                page = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics").text
+                assert _sample(page, 'hoppatch_worker_model_cache_total{result="miss"}') == 1  # its start only
+                assert _sample(page, 'hoppatch_worker_model_cache_total{result="hit"}') == 2  # both its jobs
+        finally:
+            for worker in workers.values():
+                worker.stop()
