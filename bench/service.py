@@ -1,6 +1,7 @@
 """Service benchmark: POST /v1/jobs throughput and latency against the real API and Redis, beside the bare
 stack in the same run (bench/bare_app.py: same uvicorn, Redis, body and connections), with 1 and 2 API
-processes; and the end-to-end latency of a job through the queue (tiny model).
+processes, and with artifacts on an S3 server (SeaweedFS) instead of the local directory; and the end-to-end
+latency of a job through the queue (tiny model), publishing its artifacts to each store.
 
     .venv/bin/python bench/service.py [--requests 4000] [--connections 16]
 
@@ -26,7 +27,10 @@ import httpx
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.harness import ROOT, api_server, environment, free_port, percentile, redis_server, tiny_job, tiny_model_dir, workers  # noqa: E402
+from bench.harness import (  # noqa: E402
+    ROOT, S3_BUCKET, api_server, environment, failing_tiny_job, free_port, percentile, redis_server, s3_server, tiny_job,
+    tiny_model_dir, workers,
+)
 from hoppatch.service.auth import create_key  # noqa: E402
 
 WRK_SCRIPT = """
@@ -160,19 +164,27 @@ def main() -> None:
             with api_server(env, processes) as url:
                 result[f"api_{processes}"] = measure(url, body, key, args)
             redis.Redis.from_url(redis_url).delete("rq:queue:hoppatch")  # the load's jobs are not for running
-        with api_server(env) as url, workers(env, 1):
-            time.sleep(8)  # the worker starts and imports torch
-            result["job_through_queue"] = job_latency(url, body, key, 20)
-    for name in ("bare", "api_1", "api_2"):
+        publishing = failing_tiny_job(work)  # a compositional failure: the job patches and publishes
+        with s3_server() as s3_env:
+            env_s3 = environment(redis_url, work, HOPPATCH_ARTIFACT_URL=f"s3://{S3_BUCKET}/bench", **s3_env)
+            with api_server(env_s3) as url:
+                result["api_1_s3"] = measure(url, body, key, args)
+            redis.Redis.from_url(redis_url).delete("rq:queue:hoppatch")
+            for store, store_env in (("local", env), ("s3", env_s3)):
+                with api_server(store_env) as url, workers(store_env, 1):
+                    time.sleep(8)  # the worker starts and imports torch
+                    result[f"job_through_queue_{store}"] = job_latency(url, publishing, key, 20)
+    for name in ("bare", "api_1", "api_2", "api_1_s3"):
         r = result[name]
         print(f"{name:6} POST /v1/jobs ({r['tool']}, {args.connections} connections): {r['requests_per_second']:.0f} req/s, "
               f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, non-2xx {r.get('non_2xx', 0)}")
         r.pop("raw", None)
     result["ratio_api_1_to_bare"] = round(result["api_1"]["requests_per_second"] / result["bare"]["requests_per_second"], 3)
     print(f"hoppatch (1 process) / bare stack: {result['ratio_api_1_to_bare']:.2f}  ({os.cpu_count()} cores)")
-    queue = result["job_through_queue"]
-    print(f"tiny-model job submit→terminal: p50 {queue['p50_ms']:.0f} ms, p99 {queue['p99_ms']:.0f} ms "
-          f"(ends {queue['final_status']}: {queue['error']['code'] if queue['error'] else ''})")
+    for store in ("local", "s3"):
+        queue = result[f"job_through_queue_{store}"]
+        print(f"tiny-model job submit→terminal, artifacts {store}: p50 {queue['p50_ms']:.0f} ms, p99 {queue['p99_ms']:.0f} ms "
+              f"(ends {queue['final_status']})")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

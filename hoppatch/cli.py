@@ -187,7 +187,11 @@ def worker(
     from hoppatch.settings import Settings
     from hoppatch.workers.worker import run_worker
 
-    run_worker(Settings(), burst=burst, preload=preload, models=parse_models(models))
+    settings, served = Settings(), parse_models(models)
+    unrouted = [ref for ref in served if ref not in settings.served_models]
+    if unrouted:
+        die(f"--models {','.join(unrouted)}: not in HOPPATCH_SERVED_MODELS, so the API routes no job to its queue")
+    run_worker(settings, burst=burst, preload=preload, models=served)
 
 
 def _redis():

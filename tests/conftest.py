@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from bench.harness import S3_BUCKET, s3_server
+from bench.harness import s3_server
 from hoppatch.engine.tiny_models import FAMILIES, tiny_model
 
 

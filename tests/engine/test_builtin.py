@@ -4,7 +4,6 @@ corrects them, the rest is measured, and the artifacts round-trip (delta file, P
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import msgspec
 import pytest
@@ -12,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from hoppatch.spec import JobSpec, read_examples, read_preamble
+from hoppatch.spec import JobSpec, read_examples
 from hoppatch.engine.answers import answer_variants, greedy_answers, score_answers
 from hoppatch.engine.delta import apply_delta
 from hoppatch.engine.diagnose import Verdict, diagnose
@@ -22,15 +21,9 @@ from hoppatch.engine.publish import ARTIFACTS, publish
 from hoppatch.engine.context import RunContext, running
 from hoppatch.engine.tracing import encode, forward, greedy_tokens, position_ids
 
+from .conftest import EXAMPLES, PREAMBLE, ROOT
+
 pytestmark = pytest.mark.builtin
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = read_examples(ROOT / "examples" / "gemma-3-270m.json")
-PREAMBLE = read_preamble(ROOT / "examples" / "preamble.txt")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model(BUILTIN_GEMMA, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ chain applies only in order, and exports as one PEFT adapter that equals the mer
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,20 +13,14 @@ from peft import PeftModel
 from hoppatch.engine.delta import apply_delta, read_delta, save_delta, weight_sha256
 from hoppatch.engine.edit import LayerDelta
 from hoppatch.engine.errors import DeltaMismatch
-from hoppatch.engine.models import BUILTIN_GEMMA, load_model
+from hoppatch.engine.models import BUILTIN_GEMMA
 from hoppatch.engine.pipeline import base_weights_intact, patch
 from hoppatch.engine.tracing import encode, forward, position_ids
-from hoppatch.spec import JobSpec, read_examples, read_preamble
+from hoppatch.spec import JobSpec
+
+from .conftest import EXAMPLES, PREAMBLE, ROOT
 
 pytestmark = pytest.mark.builtin
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = read_examples(ROOT / "examples" / "gemma-3-270m.json")
-PREAMBLE = read_preamble(ROOT / "examples" / "preamble.txt")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    return load_model(BUILTIN_GEMMA, device="cpu")
 
 
 @pytest.fixture(scope="module")

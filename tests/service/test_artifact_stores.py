@@ -16,7 +16,7 @@ from hoppatch.service.app import create_app
 from hoppatch.settings import Settings
 from hoppatch.spec import Budget
 
-from tests.conftest import S3_BUCKET
+from bench.harness import S3_BUCKET
 
 PAYLOAD = bytes(range(256)) * 8192  # 2 MiB: more than one chunk
 

@@ -2,6 +2,9 @@
 model's queue, a model nobody serves is refused with 422 (nothing stored), cancel takes a job out of its
 queue, and /readyz and /metrics report each served model's queue and live workers."""
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -76,3 +79,12 @@ def test_without_served_models_every_job_shares_one_queue():
     routes = Routes(parse_models(f" {GEMMA}, ,{SMOL},{GEMMA}"))
     assert routes.served == (GEMMA, SMOL)
     assert routes.queue_for(SMOL) == model_queue(SMOL) and routes.queue_for("other") is None
+
+
+def test_a_worker_refuses_models_the_api_would_not_route_to_it():
+    env = {**os.environ, "HOPPATCH_SERVED_MODELS": SMOL}
+    done = subprocess.run([sys.executable, "-m", "hoppatch.cli", "worker", "--models", f"{SMOL},{GEMMA}"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"hoppatch: --models {GEMMA}: not in HOPPATCH_SERVED_MODELS, so the API routes no job to its queue"
+    )

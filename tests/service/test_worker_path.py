@@ -21,7 +21,8 @@ from hoppatch.engine.tiny_models import tiny_model
 from hoppatch.settings import Settings
 from hoppatch.service.app import create_app
 
-from tests.conftest import S3_BUCKET, free_port
+from bench.harness import S3_BUCKET
+from tests.conftest import free_port
 
 from .conftest import job_body, shipped_examples
 
