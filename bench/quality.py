@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -25,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.authors_recipe import AUTHORS_BANDS, authors_edit  # noqa: E402
+from hoppatch.engine.delta import save_delta  # noqa: E402
+from hoppatch.engine.diagnose import diagnose  # noqa: E402
 from hoppatch.engine.edit import EditConfig, WeightSnapshot  # noqa: E402
+from hoppatch.engine.errors import NoCompositionFailure  # noqa: E402
+from hoppatch.engine.lineage import stacked  # noqa: E402
 from hoppatch.engine.evaluate import ProbeOutcome, build_probes, kl_drift, rates, read_fluency, read_probes  # noqa: E402
 from hoppatch.engine.models import LoadedModel, load_model  # noqa: E402
 from hoppatch.engine.pipeline import base_fluency, run_job  # noqa: E402
@@ -73,6 +78,35 @@ def engine_row(
         dropped += sum(s == 0 for s in outcome.scales or [])
         print(f"  engine job of {len(job)}: layers {outcome.layers}, {outcome.seconds}", file=sys.stderr, flush=True)
     return _row("engine", shape, examples, probes, ppl, kl, seconds, dropped)
+
+
+def stacked_row(
+    lm: LoadedModel, examples: list[TwoHopExample], preamble: str, size: int, config: EditConfig, model: str, budget: Budget = Budget(),
+) -> Row:
+    """One job's failures solved in rounds of `size`, each round on top of the rounds before it (as jobs with
+    `base_patches` are); every probe of every example read on the base and with the whole chain applied."""
+    work = Path(tempfile.mkdtemp(prefix="rounds-"))
+    chain: list[tuple[str, Path]] = []
+    seconds, dropped = 0.0, 0
+    for k, job in enumerate(jobs_of(examples, str(size))):
+        with stacked(lm, chain) as parents:
+            try:
+                outcome = run_job(lm, JobSpec(model=model, examples=job, preamble=preamble, budget=budget), config=config, fluency=False, parents=parents)
+            except NoCompositionFailure:  # earlier rounds corrected these already
+                continue
+        path = work / f"round-{k}.safetensors"
+        save_delta(path, outcome.edit.deltas, base_model=model, base_hashes=outcome.base_hashes, conv1d=lm.arch.conv1d, budget={})
+        chain.append((f"round-{k}", path))
+        seconds += sum(outcome.seconds.get(s, 0.0) for s in ("prepare", "edit", "calibrate"))
+        dropped += sum(s == 0 for s in outcome.scales or [])
+        print(f"  round {k}: {len(outcome.patched)} patched, layers {outcome.layers}", file=sys.stderr, flush=True)
+    predictions = {ex.id: d.prediction for ex, d in zip(examples, diagnose(lm, examples, preamble))}
+    probes = build_probes(examples, predictions)
+    before = read_probes(lm, probes, preamble, lm.warm.readings)
+    with stacked(lm, chain):
+        after = read_probes(lm, probes, preamble)
+    outcomes = [ProbeOutcome(p, b, a) for p, b, a in zip(probes, before, after)]
+    return _row("engine", f"rounds of {size}", examples, outcomes, [], [], seconds, dropped)
 
 
 def authors_row(lm: LoadedModel, examples: list[TwoHopExample], preamble: str, shape: str, band: list[int]) -> Row:
@@ -124,7 +158,7 @@ def print_table(split: str, rows: list[Row]) -> None:
     print("|" + " --- |" * (len(COLUMNS) + 9))
     for row in rows:
         cells = " | ".join(_cell(getattr(row, c)) for c in COLUMNS)
-        shape = "all in one job" if row.shape == "all" else f"jobs of {row.shape}"
+        shape = {"all": "all in one job", "10": "jobs of 10"}.get(row.shape, row.shape)
         print(
             f"| {split} | {row.method} | {shape} | {row.examples} | {cells} | {_percent(row.perplexity_increase)} | "
             f"{_cell(row.kl_drift)} | {row.edit_seconds_per_example:.2f} | {row.dropped} |"
@@ -152,7 +186,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin:gemma-3-270m")
     parser.add_argument("--split", choices=("tune", "validation"), required=True)
-    parser.add_argument("--shape", action="append", choices=("all", "10"), help="job shapes (default: both)")
+    parser.add_argument("--shape", action="append", choices=("all", "10", "rounds"), help="job shapes (default: all and 10); "
+                        "rounds: one job solved in rounds of 10, each on top of the ones before")
     parser.add_argument("--authors", action="store_true", help="also run the authors' recipe")
     parser.add_argument("--no-engine", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an EditConfig override, or max_layers=N")
@@ -179,7 +214,10 @@ def main() -> None:
         if args.authors:
             rows.append(authors_row(lm, examples, preamble, shape, AUTHORS_BANDS[args.model]))
         for label, (config, budget) in configs.items() if not args.no_engine else ():
-            row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency, budget)
+            if shape == "rounds":
+                row = stacked_row(lm, examples, preamble, 10, config, args.model, budget)
+            else:
+                row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency, budget)
             row.method = f"engine ({label})" if len(configs) > 1 else "engine"
             rows.append(row)
             print_table(args.split, [row])
