@@ -61,7 +61,7 @@ class EditConfig:
     """Weight of the preserved prompts' all-position moment, relative to the last-token moments' scale."""
     target_scale: float = 1.0
     """Moves the query's output to o + s·(g − o); 1 is CREME's exact g, more pushes past it."""
-    calibration_steps: tuple[float, ...] = (0.35, 0.7, 1.0)
+    calibration_steps: tuple[float, ...] = (0.2, 0.35, 0.5, 0.7, 1.0)
     """Shares of the update tried per example by `calibrate`, the least that corrects its query kept."""
     off_answer_weight: float = 0.3
     """With the answer's gradients given, the part of g − o that does not move the answer (to first order) is
