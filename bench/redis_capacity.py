@@ -33,7 +33,7 @@ from rq.serializers import JSONSerializer  # noqa: E402
 from bench.harness import redis_server  # noqa: E402
 from hoppatch.connection import connect, connect_async  # noqa: E402
 from hoppatch.jobs import SUBMIT_SCRIPT, JobStatus, JobStore, now  # noqa: E402
-from hoppatch.routing import SHARED_QUEUE  # noqa: E402
+from hoppatch.routing import ANY_MODEL, SHARED_QUEUE  # noqa: E402
 from hoppatch.service.auth import ApiKey  # noqa: E402
 from hoppatch.service.jobs import submit  # noqa: E402
 from hoppatch.settings import Settings  # noqa: E402
@@ -46,7 +46,7 @@ async def submit_all(settings: Settings, spec: JobSpec, jobs: int, clients: int)
     aredis = connect_async(settings.redis_url)
     store = JobStore(connect(settings.redis_url), settings.retention_seconds)
     admit = aredis.register_script(SUBMIT_SCRIPT)
-    queues = {SHARED_QUEUE: Queue(SHARED_QUEUE, connection=store.redis, serializer=JSONSerializer)}
+    queues = {ANY_MODEL: Queue(SHARED_QUEUE, connection=store.redis, serializer=JSONSerializer)}
     key = ApiKey(id="key_bench", tenant="bench", created_at=now())
     remaining = iter(range(jobs))
 

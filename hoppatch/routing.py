@@ -31,11 +31,16 @@ class Routes:
     served: tuple[str, ...] = ()
     """Models that configured worker groups serve; empty: any model, through the shared queue."""
 
+    def label_for(self, model: str) -> str | None:
+        """The label of the queue a job for `model` waits in (see `queues`); None where no group serves it."""
+        if not self.served:
+            return ANY_MODEL
+        return model if model in self.served else None
+
     def queue_for(self, model: str) -> str | None:
         """The queue a job for `model` waits in; None where no worker group serves it."""
-        if not self.served:
-            return SHARED_QUEUE
-        return model_queue(model) if model in self.served else None
+        label = self.label_for(model)
+        return None if label is None else self.queues()[label]
 
     def queues(self) -> dict[str, str]:
         """Every queue jobs may wait in, by its label: the served model, or `any` for the shared queue."""

@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     client = connect(settings.redis_url, max_connections=64)
     store = JobStore(client, settings.retention_seconds)
-    by_label = {label: Queue(name, connection=client, serializer=JSONSerializer) for label, name in settings.routes.queues().items()}
+    queues = {label: Queue(name, connection=client, serializer=JSONSerializer) for label, name in settings.routes.queues().items()}
     aredis = connect_async(settings.redis_url)
     artifacts = open_artifact_store(settings)
     state = State(
@@ -63,8 +63,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
             "streams": OpenStreams(),
             "store": store,
-            "queues": {queue.name: queue for queue in by_label.values()},
-            "queues_by_label": by_label,
+            "queues": queues,
             "artifacts": artifacts,
         }
     )
@@ -76,7 +75,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     def maintain(rounds: int) -> None:
         store.reap_lost()
-        QUEUE_STATS.refresh(store, by_label)
+        QUEUE_STATS.refresh(store, queues)
         if rounds % int(SWEEP_SECONDS / interval) == 0:
             sweep_artifacts(store, artifacts)
 

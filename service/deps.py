@@ -15,7 +15,7 @@ def provide_store(state: State) -> JobStore:
 
 
 def provide_queues(state: State) -> dict[str, Queue]:
-    """RQ's queues by name: the shared one, or one per served model."""
+    """RQ's queues by label (`Routes.queues`): the shared one, or one per served model."""
     return state.queues
 
 

@@ -43,11 +43,11 @@ def check_model(ref: str, model_roots: tuple[Path, ...], key: ApiKey) -> None:
 
 
 def route(ref: str, routes: Routes) -> str:
-    """The queue a job for `ref` waits in; 422 where no worker group serves the model."""
-    queue_name = routes.queue_for(ref)
-    if queue_name is None:
+    """The label of the queue a job for `ref` waits in; 422 where no worker group serves the model."""
+    label = routes.label_for(ref)
+    if label is None:
         raise ModelNotServed(f"no worker group serves {ref!r}; this service serves: {', '.join(routes.served)}", "/model")
-    return queue_name
+    return label
 
 
 async def check_base_patches(aredis: aioredis.Redis, tenant: str, spec: JobSpec) -> None:
@@ -153,7 +153,7 @@ def cancel(store: JobStore, queues: dict[str, Queue], routes: Routes, tenant: st
     store.request_cancel(job_id)
     done = store.transition(job_id, JobStatus.CANCELLED, {JobStatus.QUEUED}, finished_at=now())
     if done:
-        queue = queues.get(routes.queue_for(record.model) or "")
+        queue = queues.get(routes.label_for(record.model) or "")
         try:
             if queue is not None:
                 queue.remove(job_id)

@@ -34,6 +34,8 @@ class BasePatch:
     """Of the delta file."""
     suite: tuple[Probe, ...]
     """Its regression suite; each probe's prompt includes the preamble it was asked with."""
+    modules: tuple[str, ...]
+    """The projections it edits."""
 
 
 def regression_suite(outcomes: Sequence[ProbeOutcome], preamble: str) -> list[dict]:
@@ -46,14 +48,14 @@ def regression_suite(outcomes: Sequence[ProbeOutcome], preamble: str) -> list[di
 
 
 def read_base_patch(path: Path, label: str) -> BasePatch:
-    metadata = read_delta(path).metadata
+    delta = read_delta(path)
     suite = tuple(
         Probe(p["example_id"], p["kind"], p["prompt"], p["answer"], tuple(p.get("aliases", ())))
-        for p in json.loads(metadata.get("regression_suite", "[]"))
+        for p in json.loads(delta.metadata.get("regression_suite", "[]"))
     )
     with path.open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return BasePatch(label, digest, suite)
+    return BasePatch(label, digest, suite, tuple(delta.factors))
 
 
 @contextmanager
@@ -67,7 +69,7 @@ def stacked(lm: LoadedModel, chain: Sequence[tuple[str, Path]]) -> Iterator[list
         return
     patches = [read_base_patch(path, label) for label, path in chain]
     base_warm = lm.warm
-    touched = {f"{module}.weight" for _, path in chain for module in read_delta(path).factors}
+    touched = {f"{module}.weight" for patch in patches for module in patch.modules}
     base_warm.unverified.update({name: weight_sha256(lm.model.get_parameter(name)) for name in touched if name not in base_warm.unverified})
     applied: list[AppliedDelta] = []
     lm.warm = WarmState(base_warm.budget)

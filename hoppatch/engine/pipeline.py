@@ -72,9 +72,13 @@ class JobOutcome:
     """Per probe of the parents' suites, in order: whether it still holds with this patch applied."""
 
     @property
+    def suite(self) -> list[tuple[BasePatch, Probe]]:
+        """The parents' regression suites, in order, each probe with the patch it belongs to."""
+        return [(parent, probe) for parent in self.parents for probe in parent.suite]
+
+    @property
     def regressions(self) -> list[tuple[BasePatch, Probe]]:
-        suite = [(parent, probe) for parent in self.parents for probe in parent.suite]
-        return [entry for entry, held in zip(suite, self.regression_held) if not held]
+        return [entry for entry, held in zip(self.suite, self.regression_held) if not held]
 
 
 @dataclass
@@ -287,7 +291,7 @@ def _run_stages(
             apply_layer_delta(lm, delta)
         with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
             after = read_probes(lm, probes, pre)
-            suite = [probe for parent in outcome.parents for probe in parent.suite]
+            suite = [probe for _, probe in outcome.suite]
             outcome.regression_held = [reading.gives for reading in read_probes(lm, suite, "")] if suite else []
             if fluency is not None:
                 patched = read_fluency(lm, fluency)
