@@ -38,7 +38,7 @@ class AnswerScore:
     gives: bool
     matched: str | None
     p_first: float  # probability of the answer's first token at the prompt's last position
-    logp: float  # mean log-probability of the answer's tokens, teacher-forced
+    logp: float | None  # mean log-probability of the answer's tokens, teacher-forced (None: not forced)
 
 
 def _split(lm: LoadedModel, prompt: str, answer: str) -> tuple[list[int], list[int]]:
@@ -113,10 +113,28 @@ def score_answers(
     return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]
 
 
-def greedy_continuations(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[tuple[tuple[int, ...], str]]:
-    """Each prompt's greedy continuation, first line only: its tokens (at most `max_new_tokens`) and its text."""
+@dataclass(frozen=True)
+class Continuation:
+    """A prompt's greedy continuation, first line only, and how it answers when the decoding decides that."""
+
+    tokens: tuple[int, ...]  # at most `max_new_tokens`
+    text: str
+    score: AnswerScore | None  # None when no answers were given, or an answer outlasts the decoding
+
+
+def greedy_continuations(
+    lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, answers: Sequence[Sequence[str]] | None = None
+) -> list[Continuation]:
+    """Each prompt's greedy continuation, first line only; with `answers` (accepted wordings per prompt, main
+    answer first), also whether it gives one, read from the continuation itself.
+
+    An answer is given when the greedy continuation starts with its tokens, so the decoding already decides
+    every wording no longer than what was decoded (or that it leaves before the end): no teacher-forced pass.
+    The main answer's first-token probability comes from the decoding's first step; `logp` stays unknown.
+    """
     ids = [lm.tokenizer(p)["input_ids"] for p in prompts]
     eos = lm.tokenizer.eos_token_id
+    wordings = [[_split(lm, prompts[i], a)[1] for a in answers[i]] for i in range(len(prompts))] if answers else None
 
     def first_line(row: list[int]) -> tuple[int, ...]:
         for n in range(1, len(row) + 1):
@@ -127,14 +145,32 @@ def greedy_continuations(lm: LoadedModel, prompts: Sequence[str], max_new_tokens
     def lines_ended(tokens: torch.Tensor) -> bool:  # only the first line is kept: more tokens change nothing
         return all(len(first_line(row)) < len(row) for row in tokens.tolist())
 
-    out: dict[int, tuple[int, ...]] = {}
+    out: dict[int, Continuation] = {}
     for rows in token_batches(ids, BATCH, pass_overhead_tokens(lm)):
-        tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens, done=lines_ended)
-        for i, row in zip(rows, tokens.tolist()):
-            out[i] = first_line(row)
-    return [(out[i], lm.tokenizer.decode(list(out[i]), skip_special_tokens=True).strip()) for i in range(len(prompts))]
+        first: list[torch.Tensor] = []
+        tokens = greedy_tokens(lm, encode_ids(lm, [ids[i] for i in rows]), max_new_tokens, done=lines_ended, first_logits=first.append)
+        p_first = torch.softmax(first[0].float(), -1) if wordings else None
+        for row, i in enumerate(rows):
+            decoded = tokens[row].tolist()
+            line = first_line(decoded)
+            score = None
+            if wordings:
+                score = _score_from_decoding(decoded, wordings[i], float(p_first[row, wordings[i][0][0]]), answers[i])
+            out[i] = Continuation(line, lm.tokenizer.decode(list(line), skip_special_tokens=True).strip(), score)
+    return [out[i] for i in range(len(prompts))]
+
+
+def _score_from_decoding(decoded: list[int], wordings: list[list[int]], p_first: float, names: Sequence[str]) -> AnswerScore | None:
+    """Whether the decoded tokens start with one of the wordings; None when one is longer than the decoding
+    and agrees with all of it (the teacher-forced pass decides those)."""
+    for tokens, name in zip(wordings, names):
+        if decoded[: len(tokens)] == tokens:
+            return AnswerScore(True, name, p_first, None)
+    if any(len(tokens) > len(decoded) and tokens[: len(decoded)] == decoded for tokens in wordings):
+        return None
+    return AnswerScore(False, None, p_first, None)
 
 
 def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
     """The model's greedy answer to each prompt: its first line, stripped of trailing punctuation."""
-    return [text.rstrip(".,;:").strip() for _, text in greedy_continuations(lm, prompts, max_new_tokens)]
+    return [c.text.rstrip(".,;:").strip() for c in greedy_continuations(lm, prompts, max_new_tokens)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -23,7 +24,7 @@ from hoppatch.spec import TwoHopExample
 
 from .answers import answer_variants, greedy_continuations, score_answers
 from .models import LoadedModel
-from .tracing import encode, final_hidden_states
+from .tracing import encode, final_hidden_states, layer_input, resumed_at
 from .warm import ByteLru
 
 CONTINUATION_TOKENS = 8
@@ -56,7 +57,7 @@ class Probe:
 class Reading:
     gives: bool  # gives the probe's answer
     p_answer: float
-    logp_answer: float
+    logp_answer: float | None  # teacher-forced; None where the greedy decoding decided `gives`
     continuation: tuple[int, ...] | None = None  # specificity only: greedy first-line tokens
     text: str | None = None  # specificity only: that continuation, decoded
     logp_rival: float | None = None  # correction only
@@ -95,18 +96,23 @@ def build_probes(examples: Sequence[TwoHopExample], predictions: dict[str, str])
 
 
 def _read(lm: LoadedModel, probes: Sequence[Probe], preamble: str) -> list[Reading]:
-    """One scoring call for all probes (plus a row per correction probe for its rival answer), and one
-    greedy decoding call for the specificity probes."""
+    """One greedy decoding call for the specificity probes, which also says whether each gives its answer,
+    and one scoring call for the other probes (plus a row per correction probe for its rival answer, and any
+    specificity probe whose answer outlasts the decoding)."""
     prompts = [preamble + p.prompt for p in probes]
     answers = [answer_variants(p.answer, p.aliases) for p in probes]
-    rivals = [i for i, p in enumerate(probes) if p.rival]
-    scores = score_answers(lm, prompts + [prompts[i] for i in rivals], answers + [[probes[i].rival] for i in rivals])
-    rival_logp = {i: s.logp for i, s in zip(rivals, scores[len(probes) :])}
     specificity = [i for i, p in enumerate(probes) if p.kind == "specificity"]
-    continuations = dict(zip(specificity, greedy_continuations(lm, [prompts[i] for i in specificity], CONTINUATION_TOKENS)))
+    decoded = greedy_continuations(lm, [prompts[i] for i in specificity], CONTINUATION_TOKENS, [answers[i] for i in specificity])
+    continuations = dict(zip(specificity, decoded))
+    forced = [i for i in range(len(probes)) if i not in continuations or continuations[i].score is None]
+    rivals = [i for i, p in enumerate(probes) if p.rival]
+    scores = score_answers(lm, [prompts[i] for i in forced + rivals], [answers[i] for i in forced] + [[probes[i].rival] for i in rivals])
+    score_of = {i: continuations[i].score for i in specificity} | dict(zip(forced, scores))
+    rival_logp = {i: s.logp for i, s in zip(rivals, scores[len(forced) :])}
     readings = []
-    for i, score in enumerate(scores[: len(probes)]):
-        tokens, text = continuations.get(i, (None, None))
+    for i in range(len(probes)):
+        score, continuation = score_of[i], continuations.get(i)
+        tokens, text = (continuation.tokens, continuation.text) if continuation else (None, None)
         readings.append(Reading(score.gives, score.p_first, score.logp, tokens, text, rival_logp.get(i)))
     return readings
 
@@ -133,11 +139,18 @@ class FluencyReading:
 
 
 @torch.no_grad()
-def read_fluency(lm: LoadedModel, base: FluencyReading | None = None, chunk: int = 256) -> FluencyReading:
-    """Perplexity of the fluency text; next-token log-probabilities at `base`'s top tokens (or the model's own)."""
+def read_fluency(
+    lm: LoadedModel, base: FluencyReading | None = None, chunk: int = 256, resume: tuple[int, torch.Tensor] | None = None
+) -> FluencyReading:
+    """Perplexity of the fluency text; next-token log-probabilities at `base`'s top tokens (or the model's own).
+
+    `resume` ((layer, `fluency_layer_input` of the base model there)) skips the layers below `layer`: for a
+    model edited only from `layer` up, the reading is the same.
+    """
     batch = encode(lm, [fluency_text()])
     ids = batch.input_ids[0]
-    hidden = final_hidden_states(lm, batch)[0, :-1]  # (T-1, D): predicts ids[1:]
+    with resumed_at(lm, *resume) if resume else nullcontext():
+        hidden = final_hidden_states(lm, batch)[0, :-1]  # (T-1, D): predicts ids[1:]
     nll, tops, columns = 0.0, [], []
     for start in range(0, hidden.shape[0], chunk):
         logprobs = torch.log_softmax(lm.logits(hidden[start : start + chunk]).float(), -1)
@@ -149,6 +162,11 @@ def read_fluency(lm: LoadedModel, base: FluencyReading | None = None, chunk: int
         tops.append(top.cpu())
         columns.append(torch.cat([chosen, rest[:, None]], -1).cpu())
     return FluencyReading(math.exp(nll / hidden.shape[0]), torch.cat(tops), torch.cat(columns))
+
+
+def fluency_layer_input(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """The fluency text's residual stream entering `layer`, for `read_fluency(resume=...)`."""
+    return layer_input(lm, encode(lm, [fluency_text()]), layer)
 
 
 def kl_drift(base: FluencyReading, patched: FluencyReading) -> float:

@@ -41,7 +41,7 @@ from .edit import (
     last_token_keys,
 )
 from .errors import InvalidJob, NoCompositionFailure
-from .evaluate import FluencyReading, Probe, ProbeOutcome, build_probes, kl_drift, read_fluency, read_probes
+from .evaluate import FluencyReading, Probe, ProbeOutcome, build_probes, fluency_layer_input, kl_drift, read_fluency, read_probes
 from .lens import LensCurve, first_token, logit_lens
 from .lineage import BasePatch, stacked
 from .locate import LocateResult, locate_layers
@@ -267,6 +267,7 @@ def _run_stages(
     with run.stage("evaluate", 0.35, "scoring the probes before the edit"):
         before = read_probes(lm, probes, pre, lm.warm.readings)
         fluency = base_fluency(lm) if measure_fluency else None
+        resume = (min(outcome.layers), base_fluency_input(lm, min(outcome.layers))) if measure_fluency else None
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
     lm.warm.unverified.update({f"{name}.weight": digest for name, digest in outcome.base_hashes.items()})
     snapshot = WeightSnapshot(lm, outcome.layers)
@@ -294,7 +295,7 @@ def _run_stages(
             suite = [probe for _, probe in outcome.suite]
             outcome.regression_held = [reading.gives for reading in read_probes(lm, suite, "")] if suite else []
             if fluency is not None:
-                patched = read_fluency(lm, fluency)
+                patched = read_fluency(lm, fluency, resume=resume)
                 outcome.perplexity_before, outcome.perplexity_after = fluency.perplexity, patched.perplexity
                 outcome.kl_drift = kl_drift(fluency, patched)
     finally:
@@ -327,6 +328,14 @@ def base_fluency(lm: LoadedModel) -> FluencyReading:
     if lm.warm.fluency is None:
         lm.warm.fluency = read_fluency(lm)
     return lm.warm.fluency
+
+
+def base_fluency_input(lm: LoadedModel, layer: int) -> torch.Tensor:
+    """The fluency text's input to `layer` on the unedited model, kept warm: an edit from `layer` up leaves it
+    as it is, so the edited model's reading starts there."""
+    if layer not in lm.warm.fluency_inputs:
+        lm.warm.fluency_inputs[layer] = fluency_layer_input(lm, layer)
+    return lm.warm.fluency_inputs[layer]
 
 
 def patch(lm: LoadedModel, spec: JobSpec, out_dir: Path, *, progress: ProgressFn | None = None,

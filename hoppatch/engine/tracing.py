@@ -173,13 +173,20 @@ def forward_at(lm: LoadedModel, batch: Encoded, keep: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def greedy_tokens(
-    lm: LoadedModel, batch: Encoded, steps: int, done: Callable[[torch.Tensor], bool] | None = None
+    lm: LoadedModel,
+    batch: Encoded,
+    steps: int,
+    done: Callable[[torch.Tensor], bool] | None = None,
+    first_logits: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The next greedy tokens of every row, decoded with the key/value cache: (B, ≤ steps).
 
     `done(tokens)`, given the (B, t) tokens so far, may end the decoding early (every row has said enough).
+    `first_logits`, if given, is called with the first step's logits (B, V): the prompts' next-token view.
     """
     out = run_model(lm, batch, use_cache=True)
+    if first_logits is not None:
+        first_logits(out.logits[:, -1])
     positions = position_ids(batch.attention_mask)[:, -1:]
     mask, tokens = batch.attention_mask, []
     for _ in range(steps):
@@ -245,6 +252,59 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
     inputs: dict[int, torch.Tensor] = {}
     run_replacing(lm, batch, layers, lambda layer, x, _: inputs.__setitem__(layer, x.detach().float()))
     return inputs
+
+
+@torch.no_grad()
+def layer_input(lm: LoadedModel, batch: Encoded, layer: int) -> torch.Tensor:
+    """The residual stream entering decoder layer `layer` at every position of the rows' own tokens: (B, T, D).
+    The pass stops there."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise _StopForward
+
+    handle = lm.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        forward(lm, batch)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class _Passthrough(torch.nn.Module):
+    """A decoder layer that returns its input: the layers below a resumed pass's first layer."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def resumed_at(lm: LoadedModel, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Passes made inside skip the layers below `layer` and give it `hidden` (from `layer_input`) instead.
+
+    For a model that differs from the one `hidden` was read on only from `layer` up, and the same batch,
+    the pass is the same as a whole one; the layers below cost nothing.
+    """
+    layers = lm.layers
+    below = [layers[i] for i in range(layer)]
+
+    def give(module, args, kwargs):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[layer].register_forward_pre_hook(give, with_kwargs=True)
+    try:
+        for i in range(layer):
+            layers[i] = _Passthrough()
+        yield
+    finally:
+        for i, module in enumerate(below):
+            layers[i] = module
+        handle.remove()
 
 
 @torch.no_grad()

@@ -112,6 +112,9 @@ class WarmState:
     """(statistics id, layer) → `KeyStatistics` of the preserved prompts."""
     fluency: object | None = None
     """The base model's `FluencyReading`."""
+    fluency_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Layer → that layer's input over the fluency text on the base model, (1, T, D): an edited model's
+    reading resumes there, since nothing below its lowest edited layer differs."""
     weight_hashes: dict[str, str] = field(default_factory=dict)
     """Parameter name → sha256 of its base value: part of the statistics' disk-cache key."""
     unverified: dict[str, str] = field(default_factory=dict)
@@ -132,5 +135,6 @@ class WarmState:
         for cache in self.caches():
             cache.clear()
         self.fluency = None
+        self.fluency_inputs.clear()
         self.weight_hashes.clear()
         self.unverified.clear()

@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from hoppatch.spec import JobSpec, read_examples
-from hoppatch.engine.answers import answer_variants, greedy_answers, score_answers
+from hoppatch.engine.answers import answer_variants, greedy_answers, greedy_continuations, score_answers
 from hoppatch.engine.delta import apply_delta
 from hoppatch.engine.diagnose import Verdict, diagnose
 from hoppatch.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
@@ -64,6 +64,25 @@ def test_greedy_answers_that_stop_at_the_end_of_the_line_are_those_of_the_whole_
     whole_short, full_passes = _passes(gemma, lambda: greedy_tokens(gemma, encode(gemma, short), 4))
     answers, passes = _passes(gemma, lambda: greedy_answers(gemma, short))
     assert answers == _first_lines(gemma, whole_short) and passes < full_passes
+
+
+def test_a_greedy_continuation_decides_the_answers_it_covers_as_teacher_forcing_does(gemma):
+    prompts = [PREAMBLE + q.prompt for ex in EXAMPLES for q in (*ex.specificity, *ex.generalization)]
+    answers = [[q.answer] for ex in EXAMPLES for q in (*ex.specificity, *ex.generalization)]
+    # every other prompt accepts its own greedy first word as a second wording: the decoding must find it too
+    greedy = greedy_answers(gemma, prompts)
+    answers = [[a[0], greedy[i].split()[0].rstrip(".,")] if i % 2 else a for i, a in enumerate(answers)]
+    forced = score_answers(gemma, prompts, answers)
+    decoded = greedy_continuations(gemma, prompts, 8, answers)
+    assert sum(f.gives for f in forced) >= 5 and sum(not f.gives for f in forced) >= 3
+    for f, d in zip(forced, decoded):
+        assert d.score is not None
+        assert (d.score.gives, d.score.matched) == (f.gives, f.matched)
+        assert d.score.p_first == pytest.approx(f.p_first, rel=1e-3, abs=1e-5)
+    # a whole first line as the answer, one new token decoded: it starts the answer but cannot decide it
+    long = [(prompt, [d.text]) for prompt, d in zip(prompts, decoded) if len(d.tokens) > 1]
+    short = greedy_continuations(gemma, [prompt for prompt, _ in long], 1, [line for _, line in long])
+    assert long and all(d.score is None for d in short)
 
 
 def test_shipped_examples_are_compositional_failures(gemma):

@@ -8,7 +8,9 @@ from hoppatch.engine.tracing import (
     forward,
     forward_at,
     greedy_tokens,
+    layer_input,
     record_attn_out,
+    resumed_at,
     shared_prefix_length,
     token_batches,
 )
@@ -68,3 +70,28 @@ def test_logits_at_kept_positions_are_those_of_the_whole_forward(tiny):
     batch = encode(tiny, PROMPTS[:3])
     keep = torch.tensor([[True, False, True], [False, False, True], [False, True, False]])
     torch.testing.assert_close(forward_at(tiny, batch, keep), forward(tiny, batch, logits_to_keep=3)[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_a_pass_resumed_above_the_unedited_layers_is_the_whole_pass(tiny):
+    """The layers below the lowest edited one are skipped and their output given instead: same logits."""
+    batch = encode(tiny, PROMPTS[:3], share_prefix=False)
+    edited = tiny.num_layers - 1
+    hidden = layer_input(tiny, batch, edited)
+    weight = tiny.attn_out_weight(edited)
+    saved = weight.detach().clone()
+    try:
+        weight.data.add_(0.05 * torch.randn_like(weight))
+        whole = forward(tiny, batch, logits_to_keep=batch.input_ids.shape[1])
+        calls = []
+        handle = tiny.layers[0].register_forward_hook(lambda *_: calls.append(1))
+        try:
+            with resumed_at(tiny, edited, hidden):
+                resumed = forward(tiny, batch, logits_to_keep=batch.input_ids.shape[1])
+        finally:
+            handle.remove()
+    finally:
+        weight.data.copy_(saved)
+    assert edited > 0 and calls == []
+    torch.testing.assert_close(resumed, whole, atol=1e-5, rtol=1e-5)
+    # the skipped layers are back in place
+    assert all(type(layer).__name__ != "_Passthrough" for layer in tiny.layers)
