@@ -268,12 +268,11 @@ def submit(
 ) -> None:
     """Submit a job to a hoppatch server (for CI). Exit codes: 0 ok, 1 job failed, a threshold missed or a regression
     (with --fail-on-regression), 2 bad input, 3 server error."""
-    from .client import run_submit
+    from .client import SubmitGate, SubmitRequest, run_submit
 
-    code = run_submit(
-        server, model, examples, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout,
-        base_patches=base_patch, fail_on_regression=fail_on_regression,
-    )
+    request = SubmitRequest(model, examples, preamble_file, max_layers, tuple(base_patch))
+    gate = SubmitGate(wait, tuple(fail_under), download, json_output, fail_on_regression, timeout)
+    code = run_submit(server, api_key, request, gate)
     raise typer.Exit(code)
 
 

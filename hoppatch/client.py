@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -170,33 +171,63 @@ def _progress_printer(interactive: bool) -> ProgressFn:
     return show
 
 
-def run_submit(
-    server, model, examples_path, preamble_file, max_layers, wait, fail_under, download, json_output, api_key, timeout,
-    base_patches=(), fail_on_regression=False,
-) -> int:
-    try:
-        thresholds = parse_thresholds(fail_under)
+@dataclass(frozen=True)
+class SubmitRequest:
+    """The job `hoppatch submit` sends, read from the user's files."""
+
+    model: str
+    examples_path: Path
+    preamble_file: Path | None = None
+    max_layers: int | None = None
+    base_patches: tuple[str, ...] = ()
+
+    def body(self) -> dict:
+        """The request body; a file that cannot be read or parsed is bad input."""
         try:
-            examples = read_examples(examples_path)
-            preamble = read_preamble(preamble_file) if preamble_file else ""
+            examples = read_examples(self.examples_path)
+            preamble = read_preamble(self.preamble_file) if self.preamble_file else ""
         except (ExamplesError, OSError) as exc:
             raise ClientError(BAD_INPUT, str(exc)) from None
-        body: dict = {"model": model, "examples": msgspec.to_builtins(examples), "preamble": preamble}
-        if max_layers:
-            body["budget"] = {"max_layers": max_layers}
-        if base_patches:
-            body["base_patches"] = list(base_patches)
+        body: dict = {"model": self.model, "examples": msgspec.to_builtins(examples), "preamble": preamble}
+        if self.max_layers:
+            body["budget"] = {"max_layers": self.max_layers}
+        if self.base_patches:
+            body["base_patches"] = list(self.base_patches)
+        return body
+
+
+@dataclass(frozen=True)
+class SubmitGate:
+    """What `hoppatch submit` does once the job is in: wait, download, and the conditions it exits 1 on."""
+
+    wait: bool = False
+    fail_under: tuple[str, ...] = ()
+    download: Path | None = None
+    json_output: bool = False
+    fail_on_regression: bool = False
+    timeout: float = 3600.0
+
+    @property
+    def waits(self) -> bool:
+        return bool(self.wait or self.fail_under or self.download or self.fail_on_regression)
+
+
+def run_submit(server: str, api_key: str | None, request: SubmitRequest, gate: SubmitGate) -> int:
+    """Send `request` to `server`, then do what `gate` says; returns the exit code, and says why in one line."""
+    try:
+        thresholds = parse_thresholds(list(gate.fail_under))
+        body = request.body()
         with Client(server, api_key) as client:
             job = client.submit(body)
             print(job["id"], flush=True)
-            if not (wait or thresholds or download or fail_on_regression):
+            if not gate.waits:
                 return OK
-            job = client.wait(job, timeout, _progress_printer(sys.stderr.isatty()))
-            if job["status"] == "succeeded" and download:
-                download.mkdir(parents=True, exist_ok=True)
-                client.download(job, download)
+            job = client.wait(job, gate.timeout, _progress_printer(sys.stderr.isatty()))
+            if job["status"] == "succeeded" and gate.download:
+                gate.download.mkdir(parents=True, exist_ok=True)
+                client.download(job, gate.download)
         summary = (job.get("result") or {}).get("summary", {})
-        if json_output:
+        if gate.json_output:
             print(json.dumps({"id": job["id"], "status": job["status"], "error": job["error"], "summary": summary}, indent=2))
         if job["status"] != "succeeded":
             error = job.get("error") or {}
@@ -206,7 +237,7 @@ def run_submit(
             for name, limit in thresholds.items()
             if summary.get(f"{name}_rate") is None or summary[f"{name}_rate"] < limit
         ]
-        if fail_on_regression and summary.get("regressions"):
+        if gate.fail_on_regression and summary.get("regressions"):
             missed.append(f"regressions={summary['regressions']} of the base patches' {summary.get('regression_probes')} probes")
         if missed:
             raise ClientError(FAILED, "patch does not hold: " + ", ".join(missed))
