@@ -27,7 +27,8 @@ MAX_PROMPT_CHARS = 1000
 MAX_QUERIES = 32
 """Most paraphrases, generalization or specificity queries per example."""
 
-Text = Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS)]
+Text = Annotated[str, Meta(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
+"""Some text besides white space: a blank answer has no tokens to score."""
 ExampleId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 

@@ -29,6 +29,7 @@ def test_list_jsonl_and_document_forms():
     [
         ({**EXAMPLE, "hop1": {"prompt": "x"}}, "hop1"),
         ({**EXAMPLE, "answer": ""}, "answer"),
+        ({**EXAMPLE, "answer": " \n "}, "answer"),
         ({**EXAMPLE, "surprise": 1}, "surprise"),
         ({**EXAMPLE, "id": "has space"}, "id"),
     ],

@@ -22,6 +22,7 @@ CASES = [
     ("repeated layers", job_body(layers=[3, 3]), 422, "/layers"),
     ("negative layer", job_body(layers=[1, -1]), 400, "/layers/1"),
     ("empty paraphrase", job_body(examples=[{**job_body()["examples"][0], "paraphrases": [""]}]), 400, "/examples/0/paraphrases/0"),
+    ("blank answer", job_body(examples=[{**job_body()["examples"][0], "answer": "  "}]), 400, "/examples/0/answer"),
     ("no body", b"", 400, ""),
     ("budget over the tenant's ceiling", job_body(budget={"max_seconds": 7000}), 429, "/budget/max_seconds"),
     ("unknown examples schema", job_body(examples={"schema": "hoppatch.examples/v9", "examples": job_body()["examples"]}), 400, None),
