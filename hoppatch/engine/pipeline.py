@@ -46,7 +46,7 @@ from .lens import LensCurve, first_token, logit_lens
 from .lineage import BasePatch, stacked
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
-from .tracing import attn_out_gradients
+from .tracing import attn_out_gradients, recorded_layer_input
 from .unrelated import counterfactual_queries, preserve_prompts
 
 
@@ -266,8 +266,9 @@ def _run_stages(
 
     with run.stage("evaluate", 0.35, "scoring the probes before the edit"):
         before = read_probes(lm, probes, pre, lm.warm.readings)
-        fluency = base_fluency(lm) if measure_fluency else None
-        resume = (min(outcome.layers), base_fluency_input(lm, min(outcome.layers))) if measure_fluency else None
+        lowest = min(outcome.layers)
+        fluency = base_fluency(lm, lowest) if measure_fluency else None
+        resume = (lowest, base_fluency_input(lm, lowest)) if measure_fluency else None
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
     lm.warm.unverified.update({f"{name}.weight": digest for name, digest in outcome.base_hashes.items()})
     snapshot = WeightSnapshot(lm, outcome.layers)
@@ -323,10 +324,15 @@ def prepare_edit(
     return EditInputs(preserved, counterfactual_keys, gradients)
 
 
-def base_fluency(lm: LoadedModel) -> FluencyReading:
-    """The unedited model's fluency reading, kept warm (every job restores the base weights)."""
-    if lm.warm.fluency is None:
+def base_fluency(lm: LoadedModel, record_layer: int | None = None) -> FluencyReading:
+    """The unedited model's fluency reading, kept warm (every job restores the base weights). When it is read
+    anew, the same pass also keeps the text's input to `record_layer` (see `base_fluency_input`)."""
+    if lm.warm.fluency is None and record_layer is None:
         lm.warm.fluency = read_fluency(lm)
+    elif lm.warm.fluency is None:
+        with recorded_layer_input(lm, record_layer) as seen:
+            lm.warm.fluency = read_fluency(lm)
+        lm.warm.fluency_inputs[record_layer] = seen[0]
     return lm.warm.fluency
 
 

@@ -254,24 +254,34 @@ def record_attn_inputs(lm: LoadedModel, batch: Encoded, layers: Sequence[int]) -
     return inputs
 
 
+@contextmanager
+def recorded_layer_input(lm: LoadedModel, layer: int, stop: bool = False) -> Iterator[list[torch.Tensor]]:
+    """Passes made inside append the residual stream entering decoder layer `layer`, (B, T, D), to the list
+    yielded; with `stop`, each pass ends there (raising `_StopForward`)."""
+    seen: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        if stop:
+            raise _StopForward
+
+    handle = lm.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def layer_input(lm: LoadedModel, batch: Encoded, layer: int) -> torch.Tensor:
     """The residual stream entering decoder layer `layer` at every position of the rows' own tokens: (B, T, D).
     The pass stops there."""
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-        raise _StopForward
-
-    handle = lm.layers[layer].register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        forward(lm, batch)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return captured[0]
+    with recorded_layer_input(lm, layer, stop=True) as seen:
+        try:
+            forward(lm, batch)
+        except _StopForward:
+            pass
+    return seen[0]
 
 
 class _Passthrough(torch.nn.Module):

@@ -10,6 +10,7 @@ from hoppatch.engine.tracing import (
     greedy_tokens,
     layer_input,
     record_attn_out,
+    recorded_layer_input,
     resumed_at,
     shared_prefix_length,
     token_batches,
@@ -77,6 +78,9 @@ def test_a_pass_resumed_above_the_unedited_layers_is_the_whole_pass(tiny):
     batch = encode(tiny, PROMPTS[:3], share_prefix=False)
     edited = tiny.num_layers - 1
     hidden = layer_input(tiny, batch, edited)
+    with recorded_layer_input(tiny, edited) as seen:  # a whole pass records the same input on its way
+        forward(tiny, batch, logits_to_keep=batch.input_ids.shape[1])
+    torch.testing.assert_close(seen[0], hidden, atol=0, rtol=0)
     weight = tiny.attn_out_weight(edited)
     saved = weight.detach().clone()
     try:
