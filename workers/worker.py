@@ -26,7 +26,6 @@ from hoppatch.artifacts import open_artifact_store
 from hoppatch.connection import connect
 from hoppatch.engine.warm import WarmBudget
 from hoppatch.jobs import JobStore
-from hoppatch.routing import model_queue
 from hoppatch.settings import Settings
 
 from . import metrics, tasks
@@ -49,9 +48,10 @@ def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> Non
 
 
 def listened_queues(settings: Settings, models: tuple[str, ...]) -> list[str]:
-    """The queues of `models`; without any, every queue the configured routes have (the shared one when no
-    models are configured)."""
-    return [model_queue(model) for model in models] if models else list(settings.routes.queues().values())
+    """The queues the routes give `models` (the CLI refuses a model they do not serve); without any, every
+    queue the configured routes have (the shared one when no models are configured)."""
+    routes = settings.routes
+    return [routes.queue_for(model) for model in models] if models else list(routes.queues().values())
 
 
 def run_worker(settings: Settings, burst: bool = False, preload: str | None = None, models: tuple[str, ...] = ()) -> None:
