@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -214,6 +215,12 @@ def local_path(ref: str) -> Path:
         raise ModelRefError(f"model directory {ref!r}: no such home directory") from None
 
 
+@lru_cache(maxsize=64)
+def _resolved(root: Path) -> Path:
+    """A model root's real path: roots are configuration, resolved once per process, not per request."""
+    return root.resolve()
+
+
 def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
     """The rule for model references: a known built-in, a directory under one of `model_roots` (None: any
     directory), or a hub id (ORG/NAME). Where the model is, and whether it loads, the engine finds out."""
@@ -223,7 +230,7 @@ def check_model_ref(ref: str, model_roots: Sequence[Path] | None) -> None:
         return
     if names_directory(ref):
         resolved = local_path(ref)
-        if model_roots is not None and not any(resolved.is_relative_to(root.resolve()) for root in model_roots):
+        if model_roots is not None and not any(resolved.is_relative_to(_resolved(root)) for root in model_roots):
             raise ModelRefError(f"model directory {ref!r} is outside the configured model roots")
         return
     if not _HUB_ID.match(ref):

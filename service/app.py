@@ -28,6 +28,7 @@ from .auth import HEADER, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
 from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
+from .deps import Services
 from .metrics import PROMETHEUS, QUEUE_STATS
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
@@ -54,7 +55,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     artifacts = open_artifact_store(settings)
     state = State(
         {
-            "settings": settings,
             "redis": client,
             "aredis": aredis,
             # SSE reads block for up to 15 s: a client of their own, with a timeout that outlasts them
@@ -62,9 +62,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "admit": aredis.register_script(SUBMIT_SCRIPT),
             "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
             "streams": OpenStreams(),
-            "store": store,
-            "queues": queues,
-            "artifacts": artifacts,
+            "services": Services(store, queues, artifacts, settings),
         }
     )
     if not settings.auth:

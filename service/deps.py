@@ -1,27 +1,29 @@
-"""Dependencies, provided on the app: the job store, the queue, the artifact store, the settings."""
+"""The one dependency the handlers take: what the app built at start (job store, queues, artifacts, settings).
+
+One dependency rather than one per part: Litestar resolves several dependencies of a handler concurrently in
+a task group of their own, which on the submit path cost more than the handler's own work.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from litestar.datastructures import State
 from rq import Queue
 
+from hoppatch.artifacts import ArtifactStore
 from hoppatch.jobs import JobStore
 from hoppatch.settings import Settings
-from hoppatch.artifacts import ArtifactStore
 
 
-def provide_store(state: State) -> JobStore:
-    return state.store
-
-
-def provide_queues(state: State) -> dict[str, Queue]:
+@dataclass(frozen=True)
+class Services:
+    store: JobStore
+    queues: dict[str, Queue]
     """RQ's queues by label (`Routes.queues`): the shared one, or one per served model."""
-    return state.queues
+    artifacts: ArtifactStore
+    settings: Settings
 
 
-def provide_artifacts(state: State) -> ArtifactStore:
-    return state.artifacts
-
-
-def provide_settings(state: State) -> Settings:
-    return state.settings
+def provide_services(state: State) -> Services:
+    return state.services

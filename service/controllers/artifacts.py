@@ -11,12 +11,10 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Redirect, Stream
 
-from hoppatch.artifacts import ArtifactStore
 from hoppatch.report_page import CONTENT_SECURITY_POLICY
-from hoppatch.jobs import JobStore
 
 from .. import jobs
-from ..deps import provide_artifacts, provide_store
+from ..deps import Services, provide_services
 from ..problems import ArtifactNotFound
 from ..schemas import ArtifactList
 from .jobs import COMMON, problems
@@ -26,15 +24,12 @@ class ArtifactController(Controller):
     path = "/v1/jobs/{job_id:str}/artifacts"
     tags = ["artifacts"]
     security = [{"ApiKey": []}]
-    dependencies = {
-        "store": Provide(provide_store, sync_to_thread=False),
-        "artifacts": Provide(provide_artifacts, sync_to_thread=False),
-    }
+    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
 
     @get("/", operation_id="ListArtifacts", sync_to_thread=True, responses=problems(*COMMON, 404))
-    def list_artifacts(self, request: Request, store: JobStore, job_id: str) -> ArtifactList:
+    def list_artifacts(self, request: Request, services: Services, job_id: str) -> ArtifactList:
         """What the job published (empty until it has succeeded)."""
-        record = jobs.get_job(store, request.user, job_id)
+        record = jobs.get_job(services.store, request.user, job_id)
         return ArtifactList(record.result.artifacts if record.result else [])
 
     @get(
@@ -51,14 +46,13 @@ class ArtifactController(Controller):
     def get_artifact(
         self,
         request: Request,
-        store: JobStore,
-        artifacts: ArtifactStore,
+        services: Services,
         job_id: str,
         name: str,
         if_none_match: Annotated[str | None, Parameter(header="If-None-Match", max_length=256)] = None,
     ) -> Response | Stream | Redirect:
         """Download one artifact; `If-None-Match` with its sha256 answers 304."""
-        record = jobs.get_job(store, request.user, job_id)
+        record = jobs.get_job(services.store, request.user, job_id)
         name = name.lstrip("/")
         info = next((a for a in (record.result.artifacts if record.result else []) if a.name == name), None)
         if info is None:
@@ -66,9 +60,9 @@ class ArtifactController(Controller):
         etag = {"ETag": f'"{info.sha256}"'}
         if if_none_match and info.sha256 in {t.strip().strip('"').removeprefix("W/").strip('"') for t in if_none_match.split(",")}:
             return Response(content=b"", status_code=304, headers=etag)
-        if url := artifacts.download_url(job_id, name):
+        if url := services.artifacts.download_url(job_id, name):
             return Redirect(url, status_code=307, headers=etag)
-        chunks = artifacts.chunks(job_id, name)
+        chunks = services.artifacts.chunks(job_id, name)
         if chunks is None:
             raise ArtifactNotFound(f"job {job_id} has no artifact {name!r}")
         inline = info.media_type.startswith(("text/html", "image/"))

@@ -26,7 +26,7 @@ class HealthController(Controller):
         state = request.app.state
         try:
             state.redis.ping()
-            queues = read_queues(state.queues)
+            queues = read_queues(state.services.queues)
         except redis.RedisError:
             return Response(Health("unavailable", redis=False, workers=0), status_code=503)
         models = {label: ModelQueue(queued, workers) for label, (queued, workers) in queues.items()}

@@ -14,16 +14,13 @@ from litestar.di import Provide
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
-from rq import Queue
 
-from hoppatch.artifacts import ArtifactStore
-from hoppatch.jobs import JobStatus, JobStore, events_key
-from hoppatch.settings import Settings
+from hoppatch.jobs import JobStatus, events_key
 from hoppatch.spec import JobSpec
 
 from .. import jobs
 from ..metrics import JOBS_SUBMITTED, model_label
-from ..deps import provide_artifacts, provide_queues, provide_settings, provide_store
+from ..deps import Services, provide_services
 from ..problems import PROBLEM_JSON, ArtifactNotFound, NoMetrics, TooManyRequests
 from ..schemas import Event, EventList, Job, JobPage, Problem
 
@@ -72,25 +69,20 @@ class JobController(Controller):
     path = "/v1/jobs"
     tags = ["jobs"]
     security = [{"ApiKey": []}]
-    dependencies = {
-        "store": Provide(provide_store, sync_to_thread=False),
-        "queues": Provide(provide_queues, sync_to_thread=False),
-        "artifacts": Provide(provide_artifacts, sync_to_thread=False),
-        "settings": Provide(provide_settings, sync_to_thread=False),
-    }
+    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
 
     @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 403, 404, 413, 422, 429))
     async def create_job(
         self,
         request: Request,
         data: JobSpec,
-        store: JobStore,
-        queues: dict[str, Queue],
-        settings: Settings,
+        services: Services,
         idempotency_key: Annotated[str | None, Parameter(header="Idempotency-Key", max_length=255)] = None,
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
-        record, created = await jobs.submit(store, request.app.state.admit, queues, request.auth, data, idempotency_key, settings)
+        record, created = await jobs.submit(
+            services.store, request.app.state.admit, services.queues, request.auth, data, idempotency_key, services.settings
+        )
         if created:
             JOBS_SUBMITTED.labels(model_label(record.model)).inc()
         return Response(Job.of(record), status_code=202, headers={"Location": f"/v1/jobs/{record.id}"})
@@ -99,39 +91,39 @@ class JobController(Controller):
     def list_jobs(
         self,
         request: Request,
-        store: JobStore,
+        services: Services,
         status: JobStatus | None = None,
         cursor: Annotated[str | None, Parameter(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)?$")] = None,
         limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
     ) -> JobPage:
         """Jobs of this tenant, newest first; pass `next_cursor` back as `cursor` for the next page."""
-        records = store.list_jobs(request.user, status, float(cursor) if cursor else None, limit + 1)
+        records = services.store.list_jobs(request.user, status, float(cursor) if cursor else None, limit + 1)
         page = records[:limit]
         more = len(records) > limit
         next_cursor = repr(page[-1].created_at.timestamp()) if more and page else None
         return JobPage([Job.of(r) for r in page], more, next_cursor)
 
     @get("/{job_id:str}", operation_id="GetJob", sync_to_thread=True, responses=problems(*COMMON, 404))
-    def get_job(self, request: Request, store: JobStore, job_id: str) -> Job:
+    def get_job(self, request: Request, services: Services, job_id: str) -> Job:
         """One job."""
-        return Job.of(jobs.get_job(store, request.user, job_id))
+        return Job.of(jobs.get_job(services.store, request.user, job_id))
 
     @post("/{job_id:str}/cancel", operation_id="CancelJob", status_code=200, sync_to_thread=True, responses=problems(*COMMON, 404, 409))
-    def cancel_job(self, request: Request, store: JobStore, queues: dict[str, Queue], settings: Settings, job_id: str) -> Job:
+    def cancel_job(self, request: Request, services: Services, job_id: str) -> Job:
         """Cancel: a queued job at once, a running one at the worker's next step (status `cancelling`)."""
-        return Job.of(jobs.cancel(store, queues, settings.routes, request.user, job_id))
+        return Job.of(jobs.cancel(services.store, services.queues, services.settings.routes, request.user, job_id))
 
     @get("/{job_id:str}/events", operation_id="ListJobEvents", sync_to_thread=True, responses=problems(*COMMON, 404))
     def list_events(
         self,
         request: Request,
-        store: JobStore,
+        services: Services,
         job_id: str,
         after: Annotated[str | None, Parameter(max_length=64, pattern=EVENT_ID)] = None,
     ) -> EventList:
         """The job's status and progress events, oldest first."""
-        jobs.get_job(store, request.user, job_id)
-        return EventList([Event(i, t, d) for i, t, d in store.events(job_id, after or "-")])
+        jobs.get_job(services.store, request.user, job_id)
+        return EventList([Event(i, t, d) for i, t, d in services.store.events(job_id, after or "-")])
 
     @get(
         "/{job_id:str}/events/stream", operation_id="StreamJobEvents", media_type="text/event-stream",
@@ -140,28 +132,27 @@ class JobController(Controller):
     async def stream_events(
         self,
         request: Request,
-        store: JobStore,
+        services: Services,
         job_id: str,
-        settings: Settings,
         last_event_id: Annotated[str, Parameter(header="Last-Event-ID", required=False, max_length=64, pattern=EVENT_ID)] = "0-0",
     ) -> ServerSentEvent:
         """Server-sent events; ends after the terminal status. Resumes after `Last-Event-ID`.
 
         A tenant holds at most `HOPPATCH_STREAMS_PER_TENANT` streams per API process, and a process at most
         `HOPPATCH_STREAMS_PER_PROCESS` (429 beyond)."""
-        record = await asyncio.to_thread(jobs.get_job, store, request.user, job_id)
+        record = await asyncio.to_thread(jobs.get_job, services.store, request.user, job_id)
         streams: OpenStreams = request.app.state.streams
-        streams.check(request.user, settings.streams_per_tenant, settings.streams_per_process)
+        streams.check(request.user, services.settings.streams_per_tenant, services.settings.streams_per_process)
         stream = _event_stream(request.app.state.stream_redis, job_id, last_event_id, record.status.terminal)
         return ServerSentEvent(streams.counted(request.user, stream))
 
     @get("/{job_id:str}/metrics", operation_id="GetJobMetrics", sync_to_thread=True, responses=problems(*COMMON, 404, 409))
-    def job_metrics(self, request: Request, store: JobStore, job_id: str, artifacts: ArtifactStore) -> Response[dict[str, Any]]:
+    def job_metrics(self, request: Request, services: Services, job_id: str) -> Response[dict[str, Any]]:
         """The job's metrics.json: 409 while the job has not succeeded (it has none yet, or none at all)."""
-        record = jobs.get_job(store, request.user, job_id)
+        record = jobs.get_job(services.store, request.user, job_id)
         if record.status is not JobStatus.SUCCEEDED:
             raise NoMetrics(f"job {job_id} is {record.status.value}: a job has metrics once it has succeeded")
-        document = artifacts.read(job_id, "metrics.json")
+        document = services.artifacts.read(job_id, "metrics.json")
         if document is None:
             raise ArtifactNotFound(f"job {job_id} has no metrics.json")
         return Response(json.loads(document), media_type="application/json")

@@ -105,7 +105,7 @@ def test_the_api_serves_artifacts_from_either_store(storage, redis_url, redis_cl
             artifact_presign_seconds=60 if storage == "s3-presigned" else 0,
         )
     with TestClient(app=create_app(settings)) as client:
-        job = _succeeded_job(JobStore(redis_client), client.app.state.artifacts, _staging(tmp_path))
+        job = _succeeded_job(JobStore(redis_client), client.app.state.services.artifacts, _staging(tmp_path))
         base = f"/v1/jobs/{job.id}/artifacts"
         sha = hashlib.sha256(PAYLOAD).hexdigest()
         assert client.get(f"{base}/delta.safetensors", headers={"If-None-Match": f'"{sha}"'}).status_code == 304

@@ -66,7 +66,7 @@ def test_readyz_and_metrics_report_each_served_model(routed, key, redis_client):
         ready = routed.get("/readyz")
         assert ready.status_code == 200 and ready.json()["workers"] == 1
         assert ready.json()["models"] == {GEMMA: {"queued": 0, "workers": 1}, SMOL: {"queued": 1, "workers": 0}}
-        QUEUE_STATS.refresh(JobStore(redis_client), routed.app.state.queues)
+        QUEUE_STATS.refresh(JobStore(redis_client), routed.app.state.services.queues)
         page = routed.get("/metrics").text  # refreshed above: the app's maintenance loop does it every few seconds
         assert f'hoppatch_queue_depth{{model="{SMOL}"}} 1.0' in page
         assert f'hoppatch_workers_live{{model="{GEMMA}"}} 1.0' in page and f'hoppatch_workers_live{{model="{SMOL}"}} 0.0' in page
