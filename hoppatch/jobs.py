@@ -358,21 +358,25 @@ class JobStore:
         return lost
 
     def _orphaned_queued(self) -> list[str]:
-        """Queued records whose RQ job no longer exists or has ended: no worker will ever pick them up."""
+        """Queued records whose RQ job no longer exists or has ended: no worker will ever pick them up.
+
+        RQ's status is read for every active job, the record only where that status says the job is gone or
+        over: a full queue is thousands of active jobs every few seconds, nearly all of them waiting."""
         ids = [i.decode() for i in self.redis.smembers(ACTIVE_KEY)]
         orphans = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             with self.redis.pipeline(transaction=False) as pipe:
                 for job_id in chunk:
-                    pipe.get(job_key(job_id))
                     pipe.hget(RQ_JOB_PREFIX + job_id, "status")
-                replies = pipe.execute()
-            for job_id, raw, rq_status in zip(chunk, replies[::2], replies[1::2]):
+                suspects = [job_id for job_id, rq_status in zip(chunk, pipe.execute()) if rq_status is None or rq_status in _RQ_ENDED]
+            if not suspects:
+                continue
+            for job_id, raw in zip(suspects, self.redis.mget([job_key(job_id) for job_id in suspects])):
                 record = self.parse(raw)
                 if record is None:
                     self.redis.srem(ACTIVE_KEY, job_id)
-                elif record.status is JobStatus.QUEUED and (rq_status is None or rq_status in _RQ_ENDED):
+                elif record.status is JobStatus.QUEUED:
                     orphans.append(job_id)
         return orphans
 
