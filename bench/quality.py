@@ -64,12 +64,13 @@ def jobs_of(examples: list[TwoHopExample], shape: str) -> list[list[TwoHopExampl
 
 def engine_row(
     lm: LoadedModel, examples: list[TwoHopExample], preamble: str, shape: str, config: EditConfig, model: str, fluency: bool,
-    budget: Budget = Budget(),
+    budget: Budget = Budget(), layers: tuple[int, ...] = (),
 ) -> Row:
     probes: list[ProbeOutcome] = []
     ppl, kl, seconds, dropped = [], [], 0.0, 0
     for job in jobs_of(examples, shape):
-        outcome = run_job(lm, JobSpec(model=model, examples=job, preamble=preamble, budget=budget), config=config, fluency=fluency)
+        spec = JobSpec(model=model, examples=job, preamble=preamble, budget=budget, layers=list(layers) or None)
+        outcome = run_job(lm, spec, config=config, fluency=fluency)
         probes += outcome.probes
         if fluency:
             ppl.append(outcome.perplexity_after / outcome.perplexity_before - 1)
@@ -165,21 +166,25 @@ def print_table(split: str, rows: list[Row]) -> None:
         )
 
 
-def parse_config(items: list[str]) -> tuple[EditConfig, Budget]:
-    """EditConfig overrides (FIELD=VALUE, a tuple as comma-separated numbers), and `max_layers=N` for the budget."""
-    config, budget = EditConfig(), Budget()
+def parse_config(items: list[str]) -> tuple[EditConfig, Budget, tuple[int, ...]]:
+    """EditConfig overrides (FIELD=VALUE, a tuple as comma-separated numbers), `max_layers=N` for the budget,
+    and `layers=A,B,...` for a fixed band."""
+    config, budget, layers = EditConfig(), Budget(), ()
     types = {f.name: f.type for f in fields(EditConfig)}
     for item in items:
         name, _, value = item.partition("=")
         if name == "max_layers":
             budget = Budget(max_layers=int(value))
             continue
+        if name == "layers":  # a fixed band instead of the located one
+            layers = tuple(int(v) for v in value.split(","))
+            continue
         if name not in types:
             raise SystemExit(f"--set {item}: no EditConfig field {name!r}")
         kind = str(types[name])
         parsed = tuple(float(v) for v in value.split(",")) if "tuple" in kind else int(value) if kind == "int" else float(value)
         config = replace(config, **{name: parsed})
-    return config, budget
+    return config, budget, layers
 
 
 def main() -> None:
@@ -213,11 +218,11 @@ def main() -> None:
     for shape in args.shape or ["all", "10"]:
         if args.authors:
             rows.append(authors_row(lm, examples, preamble, shape, AUTHORS_BANDS[args.model]))
-        for label, (config, budget) in configs.items() if not args.no_engine else ():
+        for label, (config, budget, layers) in configs.items() if not args.no_engine else ():
             if shape == "rounds":
                 row = stacked_row(lm, examples, preamble, 10, config, args.model, budget)
             else:
-                row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency, budget)
+                row = engine_row(lm, examples, preamble, shape, config, args.model, not args.no_fluency, budget, layers)
             row.method = f"engine ({label})" if len(configs) > 1 else "engine"
             rows.append(row)
             print_table(args.split, [row])
