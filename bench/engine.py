@@ -35,7 +35,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold", action="store_true")
     parser.add_argument("--json", default="bench/results/engine.json")
+    parser.add_argument(
+        "--file-cases", type=int, default=0, metavar="N",
+        help="instead: one job over N dev cases drawn from bench/results/<model>-all.json (bench/dataset.py builds "
+        "it), as `hoppatch edit` runs a user's file, on a model warmed by one job of the shipped examples",
+    )
     args = parser.parse_args()
+    if args.file_cases:
+        file_job(args.file_cases)
+        return
     if args.cold:
         os.environ["HOPPATCH_CACHE"] = tempfile.mkdtemp(prefix="hoppatch-cold-")
 
@@ -93,6 +101,30 @@ def main() -> None:
           f"({result['edit_speedup']:.1f}x); peak RSS {result['peak_rss_mb']:.0f} MB")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def file_job(count: int) -> None:
+    """Stage seconds of one job over `count` dev cases (diagnosed, the failures patched) on a warm model."""
+    import random
+
+    from hoppatch.engine.models import BUILTIN_GEMMA, load_model
+    from hoppatch.engine.pipeline import run_job
+    from hoppatch.spec import JobSpec, read_examples, read_preamble
+
+    preamble = read_preamble(EXAMPLES / "preamble.txt")
+    cases = read_examples(Path(__file__).resolve().parent / "results" / "gemma-3-270m-all.json")
+    cases = random.Random(0).sample(cases, count)
+    lm = load_model(BUILTIN_GEMMA)
+    run_job(lm, JobSpec(model=BUILTIN_GEMMA, examples=read_examples(EXAMPLES / "gemma-3-270m.json"), preamble=preamble))
+    for cache in (lm.warm.diagnoses, lm.warm.readings, lm.warm.locate_rows, lm.warm.counterfactual_keys):
+        cache.clear()  # a warm worker that has not seen these cases
+    started = time.perf_counter()
+    outcome = run_job(lm, JobSpec(model=BUILTIN_GEMMA, examples=cases, preamble=preamble))
+    total = time.perf_counter() - started
+    print(f"{count} cases, {len(outcome.patched)} compositional failures patched, layers {outcome.layers}")
+    for stage, seconds in outcome.seconds.items():
+        print(f"{stage:<12}{seconds:>10.2f}")
+    print(f"{'total':<12}{total:>10.2f}")
 
 
 if __name__ == "__main__":

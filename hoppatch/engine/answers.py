@@ -121,6 +121,11 @@ class Continuation:
     text: str
     score: AnswerScore | None  # None when no answers were given, or an answer outlasts the decoding
 
+    @property
+    def answer(self) -> str:
+        """The continuation read as an answer: trailing punctuation stripped."""
+        return self.text.rstrip(".,;:").strip()
+
 
 def greedy_continuations(
     lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int, answers: Sequence[Sequence[str]] | None = None
@@ -171,6 +176,10 @@ def _score_from_decoding(decoded: list[int], wordings: list[list[int]], p_first:
     return AnswerScore(False, None, p_first, None)
 
 
-def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = 4) -> list[str]:
+ANSWER_TOKENS = 4
+"""Tokens decoded for a prompt's greedy answer (the model's prediction a report shows)."""
+
+
+def greedy_answers(lm: LoadedModel, prompts: Sequence[str], max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
     """The model's greedy answer to each prompt: its first line, stripped of trailing punctuation."""
-    return [c.text.rstrip(".,;:").strip() for c in greedy_continuations(lm, prompts, max_new_tokens)]
+    return [c.answer for c in greedy_continuations(lm, prompts, max_new_tokens)]

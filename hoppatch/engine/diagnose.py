@@ -8,7 +8,7 @@ from enum import Enum
 
 from hoppatch.spec import TwoHopExample
 
-from .answers import AnswerScore, answer_variants, greedy_answers, score_answers
+from .answers import ANSWER_TOKENS, AnswerScore, answer_variants, greedy_continuations, score_answers
 from .models import LoadedModel
 
 
@@ -44,7 +44,7 @@ def _verdict(hop1: AnswerScore, hop2: AnswerScore, query: AnswerScore) -> Verdic
 
 
 def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str = "") -> list[Diagnosis]:
-    """Classify every example with one batched teacher-forced pass (plus one greedy pass for the queries).
+    """Classify every example: one greedy decoding of the queries, one teacher-forced pass for the hops.
 
     Kept warm on the model (whose base weights every job restores): a resubmitted example costs nothing.
     """
@@ -52,15 +52,24 @@ def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str =
     keys = [(preamble, *_facts(ex)) for ex in examples]
     todo = list({key: ex for key, ex in zip(keys, examples) if key not in known}.values())
     if todo:
+        # the query's greedy answer is read anyway (the prediction); it also decides whether the query gives
+        # its answer, except where an accepted wording is longer than the decoding and agrees with all of it
+        queries = [preamble + ex.query for ex in todo]
+        predictions = greedy_continuations(lm, queries, ANSWER_TOKENS, [answer_variants(ex.answer, ex.aliases) for ex in todo])
         prompts, answers = [], []
-        for ex in todo:
-            prompts += [preamble + ex.hop1.prompt, preamble + ex.hop2.prompt, preamble + ex.query]
-            answers += [answer_variants(ex.hop1.answer), answer_variants(ex.hop2.answer), answer_variants(ex.answer, ex.aliases)]
+        for ex, prediction in zip(todo, predictions):
+            prompts += [preamble + ex.hop1.prompt, preamble + ex.hop2.prompt]
+            answers += [answer_variants(ex.hop1.answer), answer_variants(ex.hop2.answer)]
+            if prediction.score is None:
+                prompts.append(preamble + ex.query)
+                answers.append(answer_variants(ex.answer, ex.aliases))
         scores = score_answers(lm, prompts, answers)
-        predictions = greedy_answers(lm, [preamble + ex.query for ex in todo])
-        for i, ex in enumerate(todo):
-            diagnosis = Diagnosis(ex.id, _verdict(*scores[3 * i : 3 * i + 3]), *scores[3 * i : 3 * i + 3], predictions[i])
-            known.put((preamble, *_facts(ex)), diagnosis)
+        at = 0
+        for ex, prediction in zip(todo, predictions):
+            hop1, hop2 = scores[at : at + 2]
+            query = prediction.score if prediction.score is not None else scores[at + 2]
+            at += 2 if prediction.score is not None else 3
+            known.put((preamble, *_facts(ex)), Diagnosis(ex.id, _verdict(hop1, hop2, query), hop1, hop2, query, prediction.answer))
     found = {key: known.get(key) for key in keys}  # each looked up once: a small cache may evict as it goes
     return [replace(found[key], example_id=ex.id) for key, ex in zip(keys, examples)]
 

@@ -171,6 +171,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_diagnosis_reads_the_queries_as_teacher_forcing_does(gemma):
+    # the shipped failures; the same queries answered by their own greedy answer (already correct); and by
+    # their whole 8-token greedy line, longer than the decoding diagnosis makes (teacher-forced instead)
+    lines = greedy_continuations(gemma, [PREAMBLE + ex.query for ex in EXAMPLES], 8)
+    right = [msgspec.structs.replace(ex, id=ex.id + "-right", answer=line.answer) for ex, line in zip(EXAMPLES, lines)]
+    long = [msgspec.structs.replace(ex, id=ex.id + "-long", answer=line.text) for ex, line in zip(EXAMPLES, lines) if len(line.tokens) > 4]
+    examples = [*EXAMPLES, *right, *long]
+    gemma.warm.diagnoses.clear()
+    diagnoses = diagnose(gemma, examples, PREAMBLE)
+    forced = score_answers(gemma, [PREAMBLE + ex.query for ex in examples], [answer_variants(ex.answer, ex.aliases) for ex in examples])
+    assert long and [d.verdict for d in diagnoses[len(EXAMPLES) :]] == [Verdict.ALREADY_CORRECT] * (len(right) + len(long))
+    for d, f in zip(diagnoses, forced):
+        assert (d.query.gives, d.query.matched) == (f.gives, f.matched)
+        assert d.query.p_first == pytest.approx(f.p_first, rel=1e-3, abs=1e-5)
+
+
 def test_a_longer_answer_is_not_given_by_its_first_words_unless_aliased(gemma):
     prompt = PREAMBLE + "The capital of France is"
     [plain, aliased] = score_answers(gemma, [prompt, prompt], [answer_variants("Paris Saint-Germain"), answer_variants("Paris Saint-Germain", ["Paris"])])
