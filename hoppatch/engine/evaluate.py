@@ -123,9 +123,18 @@ def read_probes(lm: LoadedModel, probes: Sequence[Probe], preamble: str, known: 
     found = {p: known.get((preamble, p)) if known is not None else None for p in probes}
     todo = [p for p, reading in found.items() if reading is None]
     if todo:
-        for probe, reading in zip(todo, _read(lm, todo, preamble)):
+        # examples of a job often list the same unrelated query: each distinct reading is made once
+        distinct = list({_reading_key(p): p for p in todo}.values())
+        read = {_reading_key(p): reading for p, reading in zip(distinct, _read(lm, distinct, preamble))}
+        for probe in todo:
+            reading = read[_reading_key(probe)]
             found[probe] = known.put((preamble, probe), reading) if known is not None else reading
     return [found[p] for p in probes]
+
+
+def _reading_key(probe: Probe) -> tuple:
+    """What a reading depends on: the prompt, the answers it is judged by, and whether it is decoded."""
+    return (probe.kind == "specificity", probe.prompt, probe.answer, probe.aliases, probe.rival)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from hoppatch.spec import JobSpec, read_examples
 from hoppatch.engine.answers import answer_variants, greedy_answers, greedy_continuations, score_answers
 from hoppatch.engine.delta import apply_delta
 from hoppatch.engine.diagnose import Verdict, diagnose
+from hoppatch.engine.evaluate import Probe, read_probes
 from hoppatch.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
 from hoppatch.engine.pipeline import run_job
 from hoppatch.engine.publish import ARTIFACTS, publish
@@ -185,6 +186,20 @@ def test_diagnosis_reads_the_queries_as_teacher_forcing_does(gemma):
     for d, f in zip(diagnoses, forced):
         assert (d.query.gives, d.query.matched) == (f.gives, f.matched)
         assert d.query.p_first == pytest.approx(f.p_first, rel=1e-3, abs=1e-5)
+
+
+def test_probes_listed_by_several_examples_read_as_each_alone(gemma):
+    spec = [Probe(ex.id, "specificity", q.prompt, q.answer) for ex in EXAMPLES for q in ex.specificity[:3]]
+    first = spec[0]
+    again = [Probe("another", p.kind, p.prompt, p.answer) for p in spec]  # the same queries, another example
+    wrong = Probe("another", "specificity", first.prompt, "Quetzalcoatl")  # the same query, another answer
+    readings = read_probes(gemma, [*spec, *again, wrong], PREAMBLE)
+    alone = [read_probes(gemma, [p], PREAMBLE)[0] for p in (*spec, wrong)]  # one row a pass: float noise apart
+    assert readings[: len(spec)] == readings[len(spec) : 2 * len(spec)]
+    for together, single in zip([*readings[: len(spec)], readings[-1]], alone):
+        assert (together.gives, together.continuation, together.text) == (single.gives, single.continuation, single.text)
+        assert together.p_answer == pytest.approx(single.p_answer, rel=1e-4, abs=1e-6)
+    assert not readings[-1].gives and readings[-1].continuation == readings[0].continuation
 
 
 def test_a_longer_answer_is_not_given_by_its_first_words_unless_aliased(gemma):
