@@ -94,8 +94,15 @@ def score_answers(
     One pass teacher-forces every main answer; it also shows each prompt's greedy next token, and only the
     other wordings that start with that token can be greedy continuations, so only those get a second pass.
     `around_pass(rows)`, if given, is entered around each pass over the prompts `rows` (indices into
-    `prompts`): a way to run each prompt on its own variant of the model.
+    `prompts`): a way to run each prompt on its own variant of the model. Without it, a (prompt, answers)
+    pair that recurs (one bridge's second hop in many examples) is scored once.
     """
+    if around_pass is None:
+        pairs = [(prompt, tuple(cands)) for prompt, cands in zip(prompts, answers)]
+        distinct = list(dict.fromkeys(pairs))
+        if len(distinct) < len(pairs):
+            scored = dict(zip(distinct, score_answers(lm, [p for p, _ in distinct], [list(c) for _, c in distinct])))
+            return [scored[pair] for pair in pairs]
     main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)], around_pass)
     second: list[tuple[int, str]] = [
         (i, cand)

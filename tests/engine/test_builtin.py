@@ -202,6 +202,20 @@ def test_probes_listed_by_several_examples_read_as_each_alone(gemma):
     assert not readings[-1].gives and readings[-1].continuation == readings[0].continuation
 
 
+def test_a_recurring_prompt_and_answer_scores_as_it_does_once(gemma):
+    prompts = [PREAMBLE + ex.hop2.prompt for ex in EXAMPLES]
+    answers = [[ex.hop2.answer] for ex in EXAMPLES]
+    once = score_answers(gemma, prompts, answers)
+    # each twice, and the first prompt once more with another answer: that one is scored on its own
+    twice = score_answers(gemma, [*prompts, *prompts, prompts[0]], [*answers, *answers, ["Quetzalcoatl"]])
+    assert [s.gives for s in once] == [True] * len(EXAMPLES)
+    assert twice[: len(once)] == twice[len(once) : 2 * len(once)]
+    for a, b in zip(once, twice):
+        assert (a.gives, a.matched) == (b.gives, b.matched)
+        assert a.logp == pytest.approx(b.logp, rel=1e-4, abs=1e-5)
+    assert not twice[-1].gives
+
+
 def test_a_longer_answer_is_not_given_by_its_first_words_unless_aliased(gemma):
     prompt = PREAMBLE + "The capital of France is"
     [plain, aliased] = score_answers(gemma, [prompt, prompt], [answer_variants("Paris Saint-Germain"), answer_variants("Paris Saint-Germain", ["Paris"])])
