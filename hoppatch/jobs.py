@@ -9,6 +9,7 @@ reaper's counter: the API and the workers both reap).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -336,6 +337,11 @@ class JobStore:
             pipe.set(heartbeat_key(job_id), int(time.time()), px=int(timeout * 1000))
             pipe.sadd(RUNNING_KEY, job_id)
             pipe.execute()
+
+    def claim_turn(self, duty: str, seconds: float) -> bool:
+        """Whether this caller does `duty` now: the first to ask in a window of `seconds` does, the other
+        API processes sharing this Redis do not (the reaper and the artifact sweep are service-wide work)."""
+        return bool(self.redis.set(f"{PREFIX}:turn:{duty}", os.getpid(), nx=True, px=max(1, int(seconds * 1000))))
 
     def reap_lost(self) -> list[str]:
         """Fail the jobs nobody will finish: started ones whose worker stopped heartbeating (it died), and

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 
 import redis
@@ -41,9 +40,9 @@ class MetricsController(PrometheusController):
 
 
 SWEEP_SECONDS = 300.0
-"""How often the API deletes the artifacts of expired jobs."""
+"""How often the API deletes the artifacts of expired jobs (one process of all those sharing Redis)."""
 MAINTENANCE_SECONDS = 5.0
-"""How often, at most, the API refreshes its queue gauges and reaps lost jobs."""
+"""How often, at most, the API refreshes its queue gauges and one of its processes reaps lost jobs."""
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -71,10 +70,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     interval = min(MAINTENANCE_SECONDS, max(1.0, settings.heartbeat_timeout / 4))
 
-    def maintain(rounds: int) -> None:
-        store.reap_lost()
-        QUEUE_STATS.refresh(store, queues)
-        if rounds % int(SWEEP_SECONDS / interval) == 0:
+    def maintain() -> None:
+        QUEUE_STATS.refresh(store, queues)  # this process's own gauges
+        # one API process per window does the service-wide work; the window ends before this loop's next round
+        if store.claim_turn("reap", interval * 0.9):
+            store.reap_lost()
+        if store.claim_turn("sweep", SWEEP_SECONDS * 0.9):
             sweep_artifacts(store, artifacts)
 
     @contextlib.asynccontextmanager
@@ -82,9 +83,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         """Gauges, the reaper (so a lone dead worker cannot leave a job running) and the artifact sweeper."""
 
         async def loop():
-            for rounds in itertools.count():
+            while True:
                 try:
-                    await asyncio.to_thread(maintain, rounds)
+                    await asyncio.to_thread(maintain)
                 except redis.RedisError as exc:
                     log.warning("maintenance: %s", exc)
                 await asyncio.sleep(interval)

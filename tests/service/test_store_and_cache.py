@@ -4,6 +4,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+import redis
 
 from hoppatch.engine.errors import ModelNotFound
 from hoppatch.engine.tiny_models import tiny_model
@@ -107,3 +108,12 @@ def test_model_cache_keeps_the_most_recent_models_and_fails_unknown_ones_before_
     assert str(model_dirs / "llama") not in cache and str(model_dirs / "gpt2") in cache
     with pytest.raises(ModelNotFound, match="outside the configured model roots"):
         cache.get("/etc")
+
+
+def test_one_of_the_processes_sharing_redis_takes_each_turn_of_a_service_wide_duty(redis_client):
+    first, second = JobStore(redis_client), JobStore(redis.Redis(connection_pool=redis_client.connection_pool))
+    assert first.claim_turn("reap", 0.3)
+    assert not second.claim_turn("reap", 0.3) and not first.claim_turn("reap", 0.3)
+    assert second.claim_turn("sweep", 0.3)  # another duty has turns of its own
+    time.sleep(0.4)
+    assert second.claim_turn("reap", 0.3)
