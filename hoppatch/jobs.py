@@ -142,6 +142,8 @@ ACTIVE_KEY = f"{PREFIX}:active"
 STATUS_COUNTS_KEY = f"{PREFIX}:status_counts"
 """Hash: number of jobs per status that has not ended (ended ones are counted in `ended_key`)."""
 RQ_JOB_PREFIX = "rq:job:"
+TURN_PREFIX = f"{PREFIX}:turn:"
+"""Keys of the service-wide duties' turns (`JobStore.claim_turn`); they expire within a window."""
 
 
 def now() -> datetime:
@@ -341,7 +343,7 @@ class JobStore:
     def claim_turn(self, duty: str, seconds: float) -> bool:
         """Whether this caller does `duty` now: the first to ask in a window of `seconds` does, the other
         API processes sharing this Redis do not (the reaper and the artifact sweep are service-wide work)."""
-        return bool(self.redis.set(f"{PREFIX}:turn:{duty}", os.getpid(), nx=True, px=max(1, int(seconds * 1000))))
+        return bool(self.redis.set(TURN_PREFIX + duty, os.getpid(), nx=True, px=max(1, int(seconds * 1000))))
 
     def reap_lost(self) -> list[str]:
         """Fail the jobs nobody will finish: started ones whose worker stopped heartbeating (it died), and

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
+from hoppatch.jobs import TURN_PREFIX
 from hoppatch.settings import Settings
 from hoppatch.spec import read_examples
 from hoppatch.service.app import create_app
@@ -14,6 +15,11 @@ EXAMPLES_FILE = Path(__file__).resolve().parents[2] / "examples" / "gemma-3-270m
 
 def shipped_examples() -> list[dict]:
     return msgspec.to_builtins(read_examples(EXAMPLES_FILE))
+
+
+def stored_keys(redis_client) -> set[bytes]:
+    """Every key in Redis but the maintenance turns, which the app's own loop takes while it runs."""
+    return {key for key in redis_client.scan_iter() if not key.startswith(TURN_PREFIX.encode())}
 
 
 def job_body(**overrides) -> dict:

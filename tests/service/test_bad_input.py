@@ -4,11 +4,11 @@ import pytest
 
 from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 
-from .conftest import job_body
+from .conftest import job_body, stored_keys
 
 
-def _nothing_stored(redis_client, key_count_before: int) -> bool:
-    return redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 0 and redis_client.dbsize() == key_count_before
+def _nothing_stored(redis_client, keys_before: set[bytes]) -> bool:
+    return redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 0 and stored_keys(redis_client) == keys_before
 
 
 CASES = [
@@ -43,7 +43,7 @@ def test_rejected_with_problem_json(client, key, redis_client, name, body, statu
         body = job_body(examples=[{**one, "id": f"case-{i}"} for i in range(65)])
     if body == "huge":
         body = b"x" * (3 * 1024 * 1024)
-    before = redis_client.dbsize()
+    before = stored_keys(redis_client)
     headers = {"X-API-Key": key, "content-type": "application/json"}
     if isinstance(body, bytes):
         response = client.post("/v1/jobs", content=body, headers=headers)

@@ -11,7 +11,7 @@ from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 from hoppatch.service.app import create_app
 from hoppatch.service.auth import create_key, list_keys, revoke_keys
 
-from .conftest import job_body
+from .conftest import job_body, stored_keys
 
 
 def _client(settings, **limits):
@@ -31,11 +31,11 @@ def _problem(response, status):
 def test_a_tenant_at_its_active_limit_gets_429_and_others_do_not(settings, key, other_key, redis_client):
     with _client(settings, tenant_max_active=2, tenant_rate=0) as client:
         assert [_post(client, key).status_code for _ in range(2)] == [202, 202]
-        before = redis_client.dbsize()
+        before = stored_keys(redis_client)
         refused = _post(client, key)
         assert _problem(refused, 429)["detail"].startswith("tenant 'team-a' has 2 jobs")
         assert int(refused.headers["Retry-After"]) > 0
-        assert redis_client.dbsize() == before and redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 2
+        assert stored_keys(redis_client) == before and redis_client.llen(rq_queue_key(SHARED_QUEUE)) == 2
         assert _post(client, other_key).status_code == 202
         job_id = client.get("/v1/jobs", headers={"X-API-Key": key}).json()["data"][0]["id"]
         client.post(f"/v1/jobs/{job_id}/cancel", headers={"X-API-Key": key})

@@ -16,7 +16,7 @@ from hoppatch.routing import Routes, model_queue, parse_models, rq_queue_key
 from hoppatch.service.app import create_app
 from hoppatch.service.metrics import QUEUE_STATS
 
-from .conftest import job_body
+from .conftest import job_body, stored_keys
 
 GEMMA, SMOL = "builtin:gemma-3-270m", "builtin:smollm2-135m"
 
@@ -42,13 +42,13 @@ def test_each_job_waits_in_its_models_queue(routed, key, redis_client):
 
 def test_a_model_no_worker_group_serves_is_422_and_stores_nothing(settings, key, redis_client):
     with TestClient(app=create_app(_served(settings, (SMOL,)))) as client:
-        before = redis_client.dbsize()
+        before = stored_keys(redis_client)
         response = client.post("/v1/jobs", json=job_body(model=GEMMA), headers={"X-API-Key": key})
         assert response.status_code == 422 and response.headers["content-type"] == "application/problem+json"
         problem = response.json()
         assert problem["type"].endswith("model-not-served") and problem["errors"][0]["pointer"] == "/model"
         assert SMOL in problem["detail"] and GEMMA in problem["detail"]
-        assert redis_client.dbsize() == before
+        assert stored_keys(redis_client) == before
 
 
 def test_cancel_takes_a_queued_job_out_of_its_models_queue(routed, key, redis_client):
