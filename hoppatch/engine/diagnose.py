@@ -55,20 +55,16 @@ def diagnose(lm: LoadedModel, examples: Sequence[TwoHopExample], preamble: str =
         # the query's greedy answer is read anyway (the prediction); it also decides whether the query gives
         # its answer, except where an accepted wording is longer than the decoding and agrees with all of it
         queries = [preamble + ex.query for ex in todo]
-        predictions = greedy_continuations(lm, queries, ANSWER_TOKENS, [answer_variants(ex.answer, ex.aliases) for ex in todo])
-        prompts, answers = [], []
-        for ex, prediction in zip(todo, predictions):
-            prompts += [preamble + ex.hop1.prompt, preamble + ex.hop2.prompt]
-            answers += [answer_variants(ex.hop1.answer), answer_variants(ex.hop2.answer)]
-            if prediction.score is None:
-                prompts.append(preamble + ex.query)
-                answers.append(answer_variants(ex.answer, ex.aliases))
+        query_answers = [answer_variants(ex.answer, ex.aliases) for ex in todo]
+        predictions = greedy_continuations(lm, queries, ANSWER_TOKENS, query_answers)
+        undecided = [i for i, prediction in enumerate(predictions) if prediction.score is None]
+        prompts = [preamble + hop.prompt for ex in todo for hop in (ex.hop1, ex.hop2)] + [queries[i] for i in undecided]
+        answers = [answer_variants(hop.answer) for ex in todo for hop in (ex.hop1, ex.hop2)] + [query_answers[i] for i in undecided]
         scores = score_answers(lm, prompts, answers)
-        at = 0
-        for ex, prediction in zip(todo, predictions):
-            hop1, hop2 = scores[at : at + 2]
-            query = prediction.score if prediction.score is not None else scores[at + 2]
-            at += 2 if prediction.score is not None else 3
+        forced = dict(zip(undecided, scores[2 * len(todo) :]))
+        for i, (ex, prediction) in enumerate(zip(todo, predictions)):
+            hop1, hop2 = scores[2 * i : 2 * i + 2]
+            query = forced.get(i, prediction.score)
             known.put((preamble, *_facts(ex)), Diagnosis(ex.id, _verdict(hop1, hop2, query), hop1, hop2, query, prediction.answer))
     found = {key: known.get(key) for key in keys}  # each looked up once: a small cache may evict as it goes
     return [replace(found[key], example_id=ex.id) for key, ex in zip(keys, examples)]
