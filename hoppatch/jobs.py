@@ -342,8 +342,14 @@ class JobStore:
 
     def claim_turn(self, duty: str, seconds: float) -> bool:
         """Whether this caller does `duty` now: the first to ask in a window of `seconds` does, the other
-        API processes sharing this Redis do not (the reaper and the artifact sweep are service-wide work)."""
+        processes sharing this Redis (API processes, workers) do not: reaping and the artifact sweep are
+        service-wide work."""
         return bool(self.redis.set(TURN_PREFIX + duty, os.getpid(), nx=True, px=max(1, int(seconds * 1000))))
+
+    def reap_lost_in_turn(self, interval: float) -> list[str]:
+        """`reap_lost` for a caller that asks every `interval` seconds, when its turn has come (the window
+        ends just before its next ask); [] when another process has the turn."""
+        return self.reap_lost() if self.claim_turn("reap", interval * 0.9) else []
 
     def reap_lost(self) -> list[str]:
         """Fail the jobs nobody will finish: started ones whose worker stopped heartbeating (it died), and

@@ -72,9 +72,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     def maintain() -> None:
         QUEUE_STATS.refresh(store, queues)  # this process's own gauges
-        # one API process per window does the service-wide work; the window ends before this loop's next round
-        if store.claim_turn("reap", interval * 0.9):
-            store.reap_lost()
+        store.reap_lost_in_turn(interval)  # service-wide work: one process of all those sharing Redis does it
         if store.claim_turn("sweep", SWEEP_SECONDS * 0.9):
             sweep_artifacts(store, artifacts)
 

@@ -3,7 +3,7 @@
 RQ's SimpleWorker runs each job in this process (no fork), so a loaded model survives from job to job.
 Cancellation is a Redis flag the engine checks between steps; RQ's stop command does nothing here. A
 reaper thread fails jobs whose worker stopped heartbeating (see `JobStore.reap_lost`), taking turns with the
-other workers and the API (`JobStore.claim_turn`), so the scan runs once per window however many there are.
+other workers and the API (`JobStore.reap_lost_in_turn`), so the scan runs once per window however many there are.
 
 RQ's work loop returns on most Redis errors; `run_worker` starts it again, with backoff, until a stop is
 asked for, so a Redis restart or pause never needs a supervisor to bring the worker back.
@@ -43,9 +43,7 @@ def reap_forever(store: JobStore, interval: float, stop: threading.Event) -> Non
     """Every `interval`, reap lost jobs when no other process (worker or API) sharing Redis has just done so."""
     while not stop.wait(interval):
         try:
-            if not store.claim_turn("reap", interval * 0.9):
-                continue
-            for job_id in store.reap_lost():
+            for job_id in store.reap_lost_in_turn(interval):
                 log.warning("job %s lost its worker: failed with worker_lost", job_id)
         except redis.RedisError as exc:
             log.warning("reaper: %s", exc)

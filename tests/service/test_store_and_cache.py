@@ -8,7 +8,7 @@ import redis
 
 from hoppatch.engine.errors import ModelNotFound
 from hoppatch.engine.tiny_models import tiny_model
-from hoppatch.jobs import JobError, JobRecord, JobStatus, JobStore, new_job_id
+from hoppatch.jobs import TURN_PREFIX, JobError, JobRecord, JobStatus, JobStore, new_job_id
 from hoppatch.spec import Budget
 from hoppatch.workers.model_cache import ModelCache
 
@@ -117,3 +117,12 @@ def test_one_of_the_processes_sharing_redis_takes_each_turn_of_a_service_wide_du
     assert second.claim_turn("sweep", 0.3)  # another duty has turns of its own
     time.sleep(0.4)
     assert second.claim_turn("reap", 0.3)
+
+
+def test_a_process_reaps_only_in_its_turn(redis_client):
+    store, other = JobStore(redis_client), JobStore(redis.Redis(connection_pool=redis_client.connection_pool))
+    vanished = _create(store)  # queued, and RQ has no job for it
+    assert other.claim_turn("reap", 30)
+    assert store.reap_lost_in_turn(1.0) == [] and store.get(vanished.id).status is JobStatus.QUEUED
+    redis_client.delete(TURN_PREFIX + "reap")
+    assert store.reap_lost_in_turn(1.0) == [vanished.id]
