@@ -63,8 +63,7 @@ def main() -> None:
     runs = {}
     for label in ("first job", "warm job", "new examples, warm model", "new examples"):
         if label == "new examples, warm model":  # what a warm worker keeps across examples: fluency, statistics
-            for cache in (lm.warm.diagnoses, lm.warm.readings, lm.warm.locate_rows, lm.warm.counterfactual_keys):
-                cache.clear()
+            forget_examples(lm)
         if label == "new examples":  # every input read anew: the edit's honest cost against the authors' recipe
             lm.warm.clear()
         out = Path(tempfile.mkdtemp()) / "out"
@@ -103,6 +102,13 @@ def main() -> None:
     Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
+def forget_examples(lm) -> None:
+    """Clear what the warm model knows of examples (readings, diagnoses, locate rows, counterfactual keys),
+    keeping what a worker keeps across them (the fluency reading, the preserved-key statistics)."""
+    for cache in (lm.warm.diagnoses, lm.warm.readings, lm.warm.locate_rows, lm.warm.counterfactual_keys):
+        cache.clear()
+
+
 def file_job(count: int) -> None:
     """Stage seconds of one job over `count` dev cases (diagnosed, the failures patched) on a warm model."""
     import random
@@ -116,8 +122,7 @@ def file_job(count: int) -> None:
     cases = random.Random(0).sample(cases, count)
     lm = load_model(BUILTIN_GEMMA)
     run_job(lm, JobSpec(model=BUILTIN_GEMMA, examples=read_examples(EXAMPLES / "gemma-3-270m.json"), preamble=preamble))
-    for cache in (lm.warm.diagnoses, lm.warm.readings, lm.warm.locate_rows, lm.warm.counterfactual_keys):
-        cache.clear()  # a warm worker that has not seen these cases
+    forget_examples(lm)  # a warm worker that has not seen these cases
     started = time.perf_counter()
     outcome = run_job(lm, JobSpec(model=BUILTIN_GEMMA, examples=cases, preamble=preamble))
     total = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """Service benchmark: POST /v1/jobs throughput and latency against the real API and Redis, beside the bare
 stack in the same run (bench/bare_app.py: same uvicorn, Redis, body and connections; the two take turns for
-`--rounds` rounds and the ratio is the rounds' median), with 1 and 2 API processes, and with artifacts on an S3 server (SeaweedFS) instead of the local directory; and the end-to-end
+`--rounds` rounds and the ratio is the rounds' median), with 1 and 2 API processes, and with artifacts on an
+S3 server (SeaweedFS) instead of the local directory; and the end-to-end
 latency of a job through the queue (tiny model), publishing its artifacts to each store.
 
     .venv/bin/python bench/service.py [--requests 4000] [--connections 16]
