@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .models import LoadedModel
-from .tracing import encode_ids, forward_at, greedy_tokens, pass_overhead_tokens, token_batches
+from .tracing import encode_ids, forward_at, greedy_tokens, layer_input, pass_overhead_tokens, resumed_at, token_batches
 
 AroundPass = Callable[[list[int]], AbstractContextManager]
 """Given the indices of the prompts in a forward pass, a context to run that pass in."""
@@ -58,23 +58,29 @@ class _Forced:
 
 
 @torch.no_grad()
-def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]], around_pass: AroundPass | None = None) -> list[_Forced]:
+def _teacher_forced(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], around_pass: AroundPass | None = None, edited_from: int | None = None
+) -> list[_Forced]:
     """Teacher-force each (prompt, answer) pair; the first answer step also gives the prompt's next-token view.
 
     Pairs are grouped by `token_batches`: shared prefixes (the preamble, a question template) run once,
-    unless `around_pass` (called with each pass's pair indices) changes the model row by row.
+    unless `around_pass` (called with each pass's pair indices) changes the model row by row. When it changes
+    only layers from `edited_from` up, rows of a pass that repeat one pair run the layers below it once.
     """
     splits = [_split(lm, prompt, answer) for prompt, answer in pairs]
     results: dict[int, _Forced] = {}
     for chunk in token_batches([p + a for p, a in splits], BATCH, pass_overhead_tokens(lm)):
         counts = [len(splits[i][1]) for i in chunk]
         K = max(counts) + 1
-        batch = encode_ids(lm, [splits[i][0] + splits[i][1] for i in chunk], share_prefix=around_pass is None, own_tokens=K)
+        sequences = [splits[i][0] + splits[i][1] for i in chunk]
+        batch = encode_ids(lm, sequences, share_prefix=around_pass is None, own_tokens=K)
         # of the last K positions, row i reads the c_i that predict its answer tokens: K-c_i-1 .. K-2
         keep = torch.zeros(len(chunk), K, dtype=torch.bool)
         for row, c in enumerate(counts):
             keep[row, K - c - 1 : K - 1] = True
-        with around_pass(chunk) if around_pass else nullcontext():
+        # edited from layer 0 (or not given): no layer below to share
+        resume = _shared_lower_layers(lm, sequences, edited_from) if around_pass and edited_from else None
+        with around_pass(chunk) if around_pass else nullcontext(), resumed_at(lm, *resume) if resume else nullcontext():
             logits = forward_at(lm, batch, keep)
         logprobs = torch.log_softmax(logits.float(), -1).split(counts)
         for row, i in enumerate(chunk):
@@ -86,16 +92,35 @@ def _teacher_forced(lm: LoadedModel, pairs: Sequence[tuple[str, str]], around_pa
     return [results[i] for i in range(len(splits))]
 
 
+def _shared_lower_layers(lm: LoadedModel, sequences: list[list[int]], layer: int) -> tuple[int, torch.Tensor] | None:
+    """(layer, the residual stream entering it for every row), computed once per distinct sequence: for a pass
+    whose rows repeat sequences and whose model differs from the base only from `layer` up. None when no row
+    repeats."""
+    distinct = list(dict.fromkeys(map(tuple, sequences)))
+    if len(distinct) == len(sequences):
+        return None
+    # the same padded width as the whole batch, so each row's positions line up
+    hidden = layer_input(lm, encode_ids(lm, distinct, share_prefix=False), layer)
+    index = {seq: row for row, seq in enumerate(distinct)}
+    rows = torch.tensor([index[tuple(seq)] for seq in sequences], device=hidden.device)
+    return layer, hidden.index_select(0, rows)
+
+
 def score_answers(
-    lm: LoadedModel, prompts: Sequence[str], answers: Sequence[Sequence[str]], around_pass: AroundPass | None = None
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    around_pass: AroundPass | None = None,
+    edited_from: int | None = None,
 ) -> list[AnswerScore]:
     """Score each prompt against its accepted wordings (`answers[i]`, main answer first).
 
     One pass teacher-forces every main answer; it also shows each prompt's greedy next token, and only the
     other wordings that start with that token can be greedy continuations, so only those get a second pass.
     `around_pass(rows)`, if given, is entered around each pass over the prompts `rows` (indices into
-    `prompts`): a way to run each prompt on its own variant of the model. Without it, a (prompt, answers)
-    pair that recurs (one bridge's second hop in many examples) is scored once.
+    `prompts`): a way to run each prompt on its own variant of the model; `edited_from`, the lowest layer any
+    variant changes, lets the rows of a pass that share a prompt run the layers below it once. Without
+    `around_pass`, a (prompt, answers) pair that recurs (one bridge's second hop in many examples) is scored once.
     """
     if around_pass is None:
         pairs = [(prompt, tuple(cands)) for prompt, cands in zip(prompts, answers)]
@@ -103,7 +128,7 @@ def score_answers(
         if len(distinct) < len(pairs):
             scored = dict(zip(distinct, score_answers(lm, [p for p, _ in distinct], [list(c) for _, c in distinct])))
             return [scored[pair] for pair in pairs]
-    main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)], around_pass)
+    main = _teacher_forced(lm, [(p, cands[0]) for p, cands in zip(prompts, answers)], around_pass, edited_from)
     second: list[tuple[int, str]] = [
         (i, cand)
         for i, cands in enumerate(answers)
@@ -114,7 +139,7 @@ def score_answers(
     owners = [i for i, _ in second]
     around_second = (lambda rows: around_pass([owners[r] for r in rows])) if around_pass else None
     matched: dict[int, str] = {i: answers[i][0] for i, f in enumerate(main) if f.greedy}
-    for (i, cand), forced in zip(second, _teacher_forced(lm, [(prompts[i], c) for i, c in second], around_second)):
+    for (i, cand), forced in zip(second, _teacher_forced(lm, [(prompts[i], c) for i, c in second], around_second, edited_from)):
         if forced.greedy and i not in matched:
             matched[i] = cand
     return [AnswerScore(i in matched, matched.get(i), f.p_first, f.logp) for i, f in enumerate(main)]

@@ -82,7 +82,8 @@ def calibrate(
         """For each trial (a scale per example), which queries give their answer."""
         scales = torch.tensor([trial for trial in trials for _ in range(n)])  # row k·n + i: trial k, query i
         scores = score_answers(
-            lm, list(queries) * len(trials), list(answers) * len(trials), lambda rows: mixed_deltas(lm, deltas, scales[rows])
+            lm, list(queries) * len(trials), list(answers) * len(trials), lambda rows: mixed_deltas(lm, deltas, scales[rows]),
+            edited_from=min(d.layer for d in deltas),
         )
         return [[score.gives for score in scores[k * n : (k + 1) * n]] for k in range(len(trials))]
 

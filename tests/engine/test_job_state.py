@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hoppatch.engine.answers import answer_variants
-from hoppatch.engine.calibrate import calibrate
+from hoppatch.engine.answers import answer_variants, score_answers
+from hoppatch.engine.calibrate import calibrate, mixed_deltas
 from hoppatch.engine.context import RunContext, checkpoint, running
 from hoppatch.engine.edit import EditConfig, LayerDelta, key_statistics
 from hoppatch.engine.errors import BudgetExceeded, Cancelled
@@ -111,6 +111,34 @@ def test_calibrate_keeps_the_least_share_that_corrects_and_drops_what_cannot_be_
     scales = calibrate(tiny, [delta], queries, [["Poe"], ["Paris"]], steps=(0.5, 1.0))
     assert scales == [0.5, 0.0]
     assert torch.equal(tiny.attn_out_weight(layer), base)  # trials never touch the weights
+
+
+def test_rows_repeating_a_prompt_share_the_layers_below_the_edit_and_score_as_each_alone(tiny):
+    layer = tiny.num_layers - 1
+    queries = [QUERY, OTHER]
+    keys = record_attn_out(tiny, queries, [layer]).inputs[layer]
+    left = torch.stack([_forcing_delta(tiny, layer, QUERY, "Poe", 50.0), _forcing_delta(tiny, layer, OTHER, "Paris", 20.0)], 1)
+    delta = LayerDelta(layer, tiny.attn_out_name(layer), left, torch.linalg.pinv(keys.double().T).float(), relative_norm=1.0)
+    trials = torch.tensor([[0.0, 0.0], [0.5, 1.0], [1.0, 0.3]]).repeat_interleave(2, 0)  # row 2k + i: trial k, query i
+    prompts, answers = queries * 3, [["Poe"], ["Paris"]] * 3
+
+    def around(rows):
+        return mixed_deltas(tiny, [delta], trials[rows])
+
+    rows_seen: list[int] = []
+    bottom = tiny.layers[0].register_forward_pre_hook(lambda m, args, kwargs: rows_seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[0]), with_kwargs=True)
+    try:
+        alone = score_answers(tiny, prompts, answers, around)
+        alone_rows, rows_seen[:] = sum(rows_seen), []
+        shared = score_answers(tiny, prompts, answers, around, edited_from=layer)
+    finally:
+        bottom.remove()
+    assert alone_rows == 6 and sum(rows_seen) == 2  # the bottom layer ran each prompt once
+    assert [s.gives for s in shared] == [s.gives for s in alone]
+    assert len({s.logp for s in alone}) > 2  # the trials do differ
+    for a, b in zip(alone, shared):
+        assert b.logp == pytest.approx(a.logp, rel=1e-4, abs=1e-5)
+        assert b.p_first == pytest.approx(a.p_first, rel=1e-4, abs=1e-6)
 
 
 def test_prepare_never_preserves_the_jobs_own_prompts(tiny):
