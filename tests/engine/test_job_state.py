@@ -125,11 +125,16 @@ def test_rows_repeating_a_prompt_share_the_layers_below_the_edit_and_score_as_ea
     def around(rows):
         return mixed_deltas(tiny, [delta], trials[rows])
 
-    rows_seen: list[int] = []
-    bottom = tiny.layers[0].register_forward_pre_hook(lambda m, args, kwargs: rows_seen.append(kwargs.get("hidden_states", args[0] if args else None).shape[0]), with_kwargs=True)
+    rows_seen: list[int] = []  # rows the bottom layer runs, per pass
+
+    def count_rows(module, args, kwargs):
+        rows_seen.append((args or [kwargs["hidden_states"]])[0].shape[0])
+
+    bottom = tiny.layers[0].register_forward_pre_hook(count_rows, with_kwargs=True)
     try:
         alone = score_answers(tiny, prompts, answers, around)
-        alone_rows, rows_seen[:] = sum(rows_seen), []
+        alone_rows = sum(rows_seen)
+        rows_seen.clear()
         shared = score_answers(tiny, prompts, answers, around, edited_from=layer)
     finally:
         bottom.remove()
