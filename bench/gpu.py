@@ -24,10 +24,10 @@ from bench.authors_recipe import authors_edit  # noqa: E402
 from hoppatch.spec import Hop, JobSpec, LabeledQuery, TwoHopExample  # noqa: E402
 from hoppatch.engine.tiny_models import tiny_tokenizer  # noqa: E402
 from hoppatch.engine.diagnose import diagnose  # noqa: E402
-from hoppatch.engine.answers import answer_variants  # noqa: E402
-from hoppatch.engine.calibrate import calibrate  # noqa: E402
+from hoppatch.engine.answers import BasePasses, answer_variants  # noqa: E402
+from hoppatch.engine.calibrate import calibrate, scale_examples  # noqa: E402
 from hoppatch.engine.context import RunContext, running  # noqa: E402
-from hoppatch.engine.edit import EditConfig, WeightSnapshot, creme_edit  # noqa: E402
+from hoppatch.engine.edit import EditConfig, WeightSnapshot, apply_layer_delta, creme_edit  # noqa: E402
 from hoppatch.engine.evaluate import build_probes, read_probes  # noqa: E402
 from hoppatch.engine.locate import locate_layers  # noqa: E402
 from hoppatch.engine.models import wrap_model  # noqa: E402
@@ -126,14 +126,21 @@ def bench_shape(name: str, shape: dict, device: torch.device, dtype: torch.dtype
         """Every stage of a job with a new example, its forward passes counted."""
         lm.warm.clear()  # a new example; the preserved statistics come back from the disk cache
         stages, values, counts = {}, {}, {}
+        base_passes = BasePasses(min(band))  # the pipeline's reading after the edit starts at its lowest layer
+
+        def evaluate_after():
+            for delta in scale_examples(values["edit"].deltas, values["calibrate"][1]):
+                apply_layer_delta(lm, delta)
+            return read_probes(lm, probes, "", replay=base_passes)
+
         for stage, fn in (
             ("diagnose", lambda: diagnose(lm, [EXAMPLE])),
             ("locate", lambda: locate_layers(lm, [query], [guide], [EXAMPLE.answer], len(band))),
             ("prepare", lambda: prepare_edit(lm, spec, [EXAMPLE], probes, band, config)),
-            ("evaluate_before", lambda: read_probes(lm, probes, "", lm.warm.readings)),
+            ("evaluate_before", lambda: read_probes(lm, probes, "", lm.warm.readings, record=base_passes)),
             ("edit", lambda: edit(values["prepare"])),
             ("calibrate", lambda: (snapshot.restore(), calibrate(lm, values["edit"].deltas, [query], answers, config.calibration_steps))),
-            ("evaluate_after", lambda: read_probes(lm, probes, "")),
+            ("evaluate_after", evaluate_after),
         ):
             if device.type == "cuda":
                 torch.cuda.synchronize()

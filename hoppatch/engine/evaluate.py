@@ -22,7 +22,7 @@ import torch
 
 from hoppatch.spec import TwoHopExample
 
-from .answers import answer_variants, greedy_continuations, score_answers
+from .answers import BasePasses, answer_variants, greedy_continuations, score_answers
 from .models import LoadedModel
 from .tracing import encode, final_hidden_states, layer_input, resumed_at
 from .warm import ByteLru
@@ -95,18 +95,25 @@ def build_probes(examples: Sequence[TwoHopExample], predictions: dict[str, str])
     return probes
 
 
-def _read(lm: LoadedModel, probes: Sequence[Probe], preamble: str) -> list[Reading]:
+def _read(
+    lm: LoadedModel, probes: Sequence[Probe], preamble: str, record: BasePasses | None, replay: BasePasses | None
+) -> list[Reading]:
     """One greedy decoding call for the specificity probes, which also says whether each gives its answer,
     and one scoring call for the other probes (plus a row per correction probe for its rival answer, and any
     specificity probe whose answer outlasts the decoding)."""
     prompts = [preamble + p.prompt for p in probes]
     answers = [answer_variants(p.answer, p.aliases) for p in probes]
     specificity = [i for i, p in enumerate(probes) if p.kind == "specificity"]
-    decoded = greedy_continuations(lm, [prompts[i] for i in specificity], CONTINUATION_TOKENS, [answers[i] for i in specificity])
+    decoded = greedy_continuations(
+        lm, [prompts[i] for i in specificity], CONTINUATION_TOKENS, [answers[i] for i in specificity], record=record, replay=replay
+    )
     continuations = dict(zip(specificity, decoded))
     forced = [i for i in range(len(probes)) if i not in continuations or continuations[i].score is None]
     rivals = [i for i, p in enumerate(probes) if p.rival]
-    scores = score_answers(lm, [prompts[i] for i in forced + rivals], [answers[i] for i in forced] + [[probes[i].rival] for i in rivals])
+    scores = score_answers(
+        lm, [prompts[i] for i in forced + rivals], [answers[i] for i in forced] + [[probes[i].rival] for i in rivals],
+        record=record, replay=replay,
+    )
     score_of = {i: continuations[i].score for i in specificity} | dict(zip(forced, scores))
     rival_logp = {i: s.logp for i, s in zip(rivals, scores[len(forced) :])}
     readings = []
@@ -117,15 +124,26 @@ def _read(lm: LoadedModel, probes: Sequence[Probe], preamble: str) -> list[Readi
     return readings
 
 
-def read_probes(lm: LoadedModel, probes: Sequence[Probe], preamble: str, known: ByteLru | None = None) -> list[Reading]:
+def read_probes(
+    lm: LoadedModel,
+    probes: Sequence[Probe],
+    preamble: str,
+    known: ByteLru | None = None,
+    *,
+    record: BasePasses | None = None,
+    replay: BasePasses | None = None,
+) -> list[Reading]:
     """Readings of the model as it is now. `known` ((preamble, probe) → reading, `WarmState.readings`) holds
-    readings of the same unedited model: they are reused, and new ones are added."""
+    readings of the same unedited model: they are reused, and new ones are added.
+
+    `record`, on the unedited model, keeps what its passes leave at one layer; `replay`, on a model edited
+    from that layer up, starts the same readings there (see `answers.BasePasses`)."""
     found = {p: known.get((preamble, p)) if known is not None else None for p in probes}
     todo = [p for p, reading in found.items() if reading is None]
     if todo:
         # examples of a job often list the same unrelated query: each distinct reading is made once
         distinct = list({_reading_key(p): p for p in todo}.values())
-        read = {_reading_key(p): reading for p, reading in zip(distinct, _read(lm, distinct, preamble))}
+        read = {_reading_key(p): reading for p, reading in zip(distinct, _read(lm, distinct, preamble, record, replay))}
         for probe in todo:
             reading = read[_reading_key(probe)]
             found[probe] = known.put((preamble, probe), reading) if known is not None else reading

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from hoppatch.spec import JobSpec, TwoHopExample
 
-from .answers import answer_variants
+from .answers import BasePasses, answer_variants
 from .calibrate import calibrate, scale_examples
 from .context import ProgressFn, RunContext, running
 from .delta import weight_sha256
@@ -265,8 +265,9 @@ def _run_stages(
         inputs = prepare_edit(lm, spec, outcome.patched, probes, outcome.layers, config)
 
     with run.stage("evaluate", 0.35, "scoring the probes before the edit"):
-        before = read_probes(lm, probes, pre, lm.warm.readings)
         lowest = min(outcome.layers)
+        base_passes = BasePasses(lowest)  # the reading after the edit starts at the lowest edited layer
+        before = read_probes(lm, probes, pre, lm.warm.readings, record=base_passes)
         fluency = base_fluency(lm, lowest) if measure_fluency else None
         resume = (lowest, base_fluency_input(lm, lowest)) if measure_fluency else None
     outcome.base_hashes = {lm.attn_out_name(l): weight_sha256(lm.attn_out(l).weight) for l in outcome.layers}
@@ -292,7 +293,7 @@ def _run_stages(
         for delta in outcome.edit.deltas:
             apply_layer_delta(lm, delta)
         with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
-            after = read_probes(lm, probes, pre)
+            after = read_probes(lm, probes, pre, replay=base_passes)
             suite = [probe for _, probe in outcome.suite]
             outcome.regression_held = [reading.gives for reading in read_probes(lm, suite, "")] if suite else []
             if fluency is not None:

@@ -110,12 +110,12 @@ def encode_ids(
         if row:
             ids[i, T - len(row) :] = torch.tensor(list(row), dtype=torch.long)
             mask[i, P + T - len(row) :] = 1
-    cache = _prefix_cache(lm, list(sequences[0][:P])) if P else None
+    cache = prefix_cache(lm, list(sequences[0][:P])) if P else None
     return Encoded(ids.to(lm.device), mask.to(lm.device), cache)
 
 
 @torch.no_grad()
-def _prefix_cache(lm: LoadedModel, prefix: list[int]) -> Cache:
+def prefix_cache(lm: LoadedModel, prefix: list[int]) -> Cache:
     checkpoint()
     ids = torch.tensor([prefix], device=lm.device)
     return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache

@@ -12,9 +12,10 @@ from peft import PeftModel
 from transformers import AutoTokenizer
 
 from hoppatch.spec import JobSpec, read_examples
-from hoppatch.engine.answers import answer_variants, greedy_answers, greedy_continuations, score_answers
+from hoppatch.engine.answers import BasePasses, answer_variants, greedy_answers, greedy_continuations, score_answers
 from hoppatch.engine.delta import apply_delta
 from hoppatch.engine.diagnose import Verdict, diagnose
+from hoppatch.engine.edit import WeightSnapshot, apply_layer_delta
 from hoppatch.engine.evaluate import Probe, read_probes
 from hoppatch.engine.models import BUILTIN_GEMMA, builtin_model_dir, load_model
 from hoppatch.engine.pipeline import run_job
@@ -245,3 +246,34 @@ def test_the_second_built_in_family_loads_and_fails_its_shipped_examples_composi
     examples = read_examples(ROOT / "examples" / "smollm2-135m.json")
     verdicts = [d.verdict for d in diagnose(smollm, examples, PREAMBLE)]
     assert verdicts == [Verdict.COMPOSITIONAL_FAILURE] * len(examples)
+
+
+def test_the_reading_after_the_patch_starts_at_its_lowest_layer_and_reads_as_a_whole_pass(gemma, published):
+    outcome, _, _ = published
+    probes = [o.probe for o in outcome.probes]
+    passes = BasePasses(min(outcome.layers))
+    read_probes(gemma, probes, PREAMBLE, record=passes)
+    snapshot = WeightSnapshot(gemma, outcome.layers)
+    positions: list[int] = []  # token positions the bottom layer runs
+
+    def count(module, args, kwargs):
+        hidden = (args or [kwargs["hidden_states"]])[0]
+        positions.append(hidden.shape[0] * hidden.shape[1])
+
+    bottom = gemma.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        for delta in outcome.edit.deltas:
+            apply_layer_delta(gemma, delta)
+        whole = read_probes(gemma, probes, PREAMBLE)
+        whole_positions, positions[:] = sum(positions), []
+        replayed = read_probes(gemma, probes, PREAMBLE, replay=passes)
+    finally:
+        bottom.remove()
+        snapshot.restore()
+    for w, job, r in zip(whole, [o.after for o in outcome.probes], replayed, strict=True):
+        for reading in (job, r):  # the job's own reading after the patch, and this one
+            assert (reading.gives, reading.continuation, reading.text) == (w.gives, w.continuation, w.text)
+            assert reading.p_answer == pytest.approx(w.p_answer, rel=1e-3, abs=1e-6)
+            for mine, theirs in ((reading.logp_answer, w.logp_answer), (reading.logp_rival, w.logp_rival)):
+                assert (mine is None and theirs is None) or mine == pytest.approx(theirs, rel=1e-3, abs=1e-5)
+    assert sum(positions) < whole_positions / 2

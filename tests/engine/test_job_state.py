@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from hoppatch.engine.answers import answer_variants, score_answers
+from hoppatch.engine.answers import REPLAY_MARGIN, BasePasses, answer_variants, score_answers
 from hoppatch.engine.calibrate import calibrate, mixed_deltas
 from hoppatch.engine.context import RunContext, checkpoint, running
-from hoppatch.engine.edit import EditConfig, LayerDelta, key_statistics
+from hoppatch.engine.edit import EditConfig, LayerDelta, WeightSnapshot, key_statistics
 from hoppatch.engine.errors import BudgetExceeded, Cancelled
-from hoppatch.engine.evaluate import Probe, ProbeOutcome, Reading, rates
+from hoppatch.engine.evaluate import Probe, ProbeOutcome, Reading, rates, read_probes
 from hoppatch.engine.lens import first_token
 from hoppatch.engine.pipeline import prepare_edit, preserved_prompts
 from hoppatch.engine.tracing import record_attn_out
@@ -257,3 +257,64 @@ def test_the_warm_budget_splits_a_total_across_the_caches():
     assert 99 << 20 <= budget.total <= 100 << 20
     state = WarmState(budget)
     assert sum(cache.budget for cache in state.caches()) <= budget.total
+
+
+PREAMBLE_WORDS = "The capital of France is Paris . The capital of Germany is Berlin . The currency of Japan is the yen . " * 2
+
+
+def _same_readings(expected: list[Reading], got: list[Reading]) -> None:
+    for e, g in zip(expected, got, strict=True):
+        assert (g.gives, g.continuation, g.text) == (e.gives, e.continuation, e.text)
+        assert g.p_answer == pytest.approx(e.p_answer, rel=1e-4, abs=1e-6)
+        for mine, theirs in ((g.logp_answer, e.logp_answer), (g.logp_rival, e.logp_rival)):
+            assert (mine is None and theirs is None) or mine == pytest.approx(theirs, rel=1e-4, abs=1e-5)
+
+
+def _rank_two_change(lm, layers: list[int], size: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for layer in layers:
+        weight = lm.attn_out_weight(layer)
+        change = torch.randn(weight.shape[0], 2, generator=generator) @ torch.randn(2, weight.shape[1], generator=generator)
+        weight.data += size * weight.norm() * change / weight.numel() ** 0.5
+
+
+def test_readings_after_an_edit_start_at_its_lowest_layer_and_read_as_whole_passes(tiny, monkeypatch):
+    # a random tiny model's top logits lie within 1e-3 of each other; the margin only has to outlast the
+    # float32 noise between pass shapes, far smaller here
+    monkeypatch.setitem(REPLAY_MARGIN, torch.float32, 1e-5)
+    layer = 2
+    prompts = [QUERY, OTHER, "The capital of Poland is", "The official language of India is", "The founder of Islam was", "Q: Who is the author of Dupin ? A:"]
+    probes = [Probe("a", "specificity", p, "Paris") for p in prompts] + [
+        Probe("a", "correction", QUERY, "America", rival="France"),
+        Probe("a", "paraphrase", prompts[5], "Edgar Allan Poe"),
+    ]
+    passes = BasePasses(layer)
+    before = read_probes(tiny, probes, PREAMBLE_WORDS, record=passes)
+    rows: list[int] = []  # rows the bottom layer runs, per pass
+    positions: list[int] = []  # and their token positions
+
+    def count(module, args, kwargs):
+        hidden = (args or [kwargs["hidden_states"]])[0]
+        rows.append(hidden.shape[0])
+        positions.append(hidden.shape[0] * hidden.shape[1])
+
+    snapshot = WeightSnapshot(tiny, [layer, layer + 1])
+    bottom = tiny.layers[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        unedited = read_probes(tiny, probes, PREAMBLE_WORDS, replay=passes)
+        only_preamble = set(rows) == {1}  # below the layer, only the shared preamble ran, once per pass
+        _rank_two_change(tiny, [layer, layer + 1], 0.6)
+        positions.clear()
+        whole = read_probes(tiny, probes, PREAMBLE_WORDS)
+        whole_positions = sum(positions)
+        positions.clear()
+        replayed = read_probes(tiny, probes, PREAMBLE_WORDS, replay=passes)
+    finally:
+        bottom.remove()
+        snapshot.restore()
+    assert only_preamble
+    _same_readings(before, unedited)
+    changed = [b.continuation != w.continuation for b, w in zip(before, whole) if w.continuation is not None]
+    assert any(changed) and not all(changed)  # the edit changes some continuations and keeps others
+    _same_readings(whole, replayed)
+    assert sum(positions) < whole_positions  # below the edit: the preamble, and the changed continuations decoded anew
