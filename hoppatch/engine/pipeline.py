@@ -103,8 +103,9 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
     """Key statistics of `prompts` at `layers`: kept warm on the model, cached on disk.
 
     One file per layer (a 7B model's all-position moment is 64 MB a layer, so only edited layers are kept),
-    keyed by what the statistics are, every weight up to the layer's projection (through their hashes) and
-    the prompts: a changed definition, model or prompt set never reuses stale statistics.
+    keyed by what the statistics are, the projection they are the inputs of, every weight up to it (through
+    their hashes) and the prompts: a changed definition, projection, model or prompt set never reuses stale
+    statistics.
     """
     digest = hashlib.sha256(KEY_STATISTICS_FORMAT.encode())
     digest.update("\x00".join(prompts).encode())
@@ -158,8 +159,9 @@ def trim_statistics_cache(budget: int) -> list[Path]:
 
 
 def _statistics_dir(lm: LoadedModel, layer: int, prompts_id: str) -> Path:
-    """Statistics at `layer` depend on the weights of the layers below and of the layer itself."""
-    weights = hashlib.sha256()
+    """Statistics at `layer` are of the edited projection's inputs, and depend on the weights of the layers
+    below and of the layer itself."""
+    weights = hashlib.sha256(lm.attn_out_name(layer).encode())
     for name, parameter in lm.model.named_parameters():
         if _below_or_at(lm, name, layer):
             weights.update(name.encode())

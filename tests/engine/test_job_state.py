@@ -197,6 +197,23 @@ def test_preserved_statistics_are_cached_on_disk_keyed_by_the_weights_below(tiny
     assert not torch.allclose(changed[1].moment, first[1].moment)
 
 
+def test_preserved_statistics_of_another_projection_are_cached_apart(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from hoppatch.engine.pipeline import preserved_statistics
+    from hoppatch.engine.tiny_models import tiny_model
+
+    monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
+    lm = tiny_model("llama")
+    prompts, config = list(preserve_prompts()[:12]), EditConfig()
+    attention = preserved_statistics(lm, prompts, [1], config)[1]
+    lm.warm.clear()
+    lm.arch = replace(lm.arch, attn_out="mlp.down_proj")  # same weights, another projection's inputs
+    mlp = preserved_statistics(lm, prompts, [1], config)[1]
+    assert mlp.moment.shape[0] == lm.model.config.intermediate_size != attention.moment.shape[0]
+    assert len(list(tmp_path.rglob("statistics.safetensors"))) == 2
+
+
 def test_report_titles_render_a_query_literally(tmp_path):
     from hoppatch.engine.lens import LensCurve
     from hoppatch.engine.report import plot_example
