@@ -104,8 +104,10 @@ def test_the_api_serves_artifacts_from_either_store(storage, redis_url, redis_cl
             redis_url=redis_url, artifact_dir=tmp_path / "unused", auth=False, artifact_url=request.getfixturevalue("s3_url"),
             artifact_presign_seconds=60 if storage == "s3-presigned" else 0,
         )
-    with TestClient(app=create_app(settings)) as client:
-        job = _succeeded_job(JobStore(redis_client), client.app.state.services.artifacts, _staging(tmp_path))
+    app = create_app(settings)
+    # before the app starts: its reaper would fail a queued record with no RQ job, or a running one with no heartbeat
+    job = _succeeded_job(JobStore(redis_client), app.state.services.artifacts, _staging(tmp_path))
+    with TestClient(app=app) as client:
         base = f"/v1/jobs/{job.id}/artifacts"
         sha = hashlib.sha256(PAYLOAD).hexdigest()
         assert client.get(f"{base}/delta.safetensors", headers={"If-None-Match": f'"{sha}"'}).status_code == 304

@@ -134,6 +134,7 @@ def test_base_patches_must_be_succeeded_jobs_of_the_tenant_and_model(client, key
         assert response.status_code == 422 and detail in response.json()["detail"], response.text
         assert response.json()["errors"][0]["pointer"] == "/base_patches/0"
     for job_id in (mine, smol):
+        store.heartbeat(job_id, timeout=30)  # as a worker does, so the app's reaper leaves the job alone
         store.transition(job_id, JobStatus.RUNNING, {JobStatus.QUEUED})
         store.transition(job_id, JobStatus.SUCCEEDED, {JobStatus.RUNNING}, result=JobResult([], {}))
     wrong_model = client.post("/v1/jobs", json=job_body(base_patches=[mine, smol]), headers=headers)
