@@ -28,6 +28,7 @@ from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
 from .deps import Services
+from .jobs import CheckedModels
 from .metrics import PROMETHEUS, QUEUE_STATS
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "admit": aredis.register_script(SUBMIT_SCRIPT),
             "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
             "streams": OpenStreams(),
-            "services": Services(store, queues, artifacts, settings),
+            "services": Services(store, queues, artifacts, settings, CheckedModels(settings.model_roots)),
         }
     )
     if not settings.auth:

@@ -15,6 +15,8 @@ from hoppatch.artifacts import ArtifactStore
 from hoppatch.jobs import JobStore
 from hoppatch.settings import Settings
 
+from .jobs import CheckedModels
+
 
 @dataclass(frozen=True)
 class Services:
@@ -23,6 +25,7 @@ class Services:
     """RQ's queues by label (`Routes.queues`): the shared one, or one per served model."""
     artifacts: ArtifactStore
     settings: Settings
+    models: CheckedModels
 
 
 def provide_services(state: State) -> Services:

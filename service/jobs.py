@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import msgspec
@@ -31,15 +32,34 @@ RETRY_ACTIVE = 30
 RETRY_QUEUE_FULL = 60
 
 
-def check_model(ref: str, model_roots: tuple[Path, ...], key: ApiKey) -> None:
-    """Reject at the door what no worker could load (unknown built-ins, paths outside the model roots) and
-    what this key may not patch."""
-    try:
-        check_model_ref(ref, model_roots)
-    except ModelRefError as exc:
-        raise JobRejected(str(exc), "/model") from None
-    if key.models and ref not in key.models:
-        raise ModelNotAllowed(f"this API key may patch only: {', '.join(key.models)}", "/model")
+MODEL_TRUST_SECONDS = 5.0
+"""How long a process trusts a model reference it has checked: a directory's check resolves its real path on
+disk, which cost more than the rest of a submission. The worker checks the reference again when it loads it."""
+MODEL_TRUST_SIZE = 1024
+_clock = time.monotonic
+
+
+class CheckedModels:
+    """The door check of model references, remembering the ones found valid (never the rejected ones) for
+    `MODEL_TRUST_SECONDS`."""
+
+    def __init__(self, model_roots: tuple[Path, ...]) -> None:
+        self.model_roots = model_roots
+        self._trusted_until: dict[str, float] = {}
+
+    def check(self, ref: str, key: ApiKey) -> None:
+        """Reject what no worker could load (unknown built-ins, paths outside the model roots) and what this
+        key may not patch."""
+        if self._trusted_until.get(ref, 0.0) <= _clock():
+            try:
+                check_model_ref(ref, self.model_roots)
+            except ModelRefError as exc:
+                raise JobRejected(str(exc), "/model") from None
+            if len(self._trusted_until) >= MODEL_TRUST_SIZE:
+                self._trusted_until.clear()
+            self._trusted_until[ref] = _clock() + MODEL_TRUST_SECONDS
+        if key.models and ref not in key.models:
+            raise ModelNotAllowed(f"this API key may patch only: {', '.join(key.models)}", "/model")
 
 
 def route(ref: str, routes: Routes) -> str:
@@ -79,8 +99,8 @@ def limits(settings: Settings) -> Limits:
 
 
 async def submit(
-    store: JobStore, admit: AsyncScript, queues: dict[str, Queue], key: ApiKey, spec: JobSpec, idempotency: str | None,
-    settings: Settings,
+    store: JobStore, admit: AsyncScript, queues: dict[str, Queue], models: CheckedModels, key: ApiKey, spec: JobSpec,
+    idempotency: str | None, settings: Settings,
 ) -> tuple[JobRecord, bool]:
     """Create and enqueue a job; returns (job, created). Nothing is stored unless it is valid and admitted.
 
@@ -88,7 +108,7 @@ async def submit(
     rejected request leaves nothing behind and two identical requests make one job.
     """
     tenant = key.tenant
-    check_model(spec.model, settings.model_roots, key)
+    models.check(spec.model, key)
     queue = queues[route(spec.model, settings.routes)]
     check_spec(spec, key, settings)
     await check_base_patches(admit.registered_client, tenant, spec)

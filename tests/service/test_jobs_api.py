@@ -3,7 +3,7 @@
 import json
 
 from hoppatch.routing import SHARED_QUEUE, rq_queue_key
-from hoppatch.service import auth
+from hoppatch.service import auth, jobs
 from hoppatch.service.auth import create_key, revoke_keys
 
 from .conftest import EXAMPLES_FILE, job_body
@@ -144,3 +144,34 @@ def test_base_patches_must_be_succeeded_jobs_of_the_tenant_and_model(client, key
     stacked = client.post("/v1/jobs", json=job_body(base_patches=[mine]), headers=headers)
     assert stacked.status_code == 202
     assert json.loads(redis_client.get(f"hoppatch:job:{stacked.json()['id']}:spec"))["base_patches"] == [mine]
+
+
+def test_a_model_directory_is_trusted_for_the_cache_time_then_checked_again(client, key, settings, tmp_path, monkeypatch):
+    """The door check of a directory resolves it on disk once per `MODEL_TRUST_SECONDS`: a link retargeted
+    outside the model roots is refused once that time has passed."""
+    root = settings.model_roots[0]
+    (root / "real").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    link = root / "current"
+    link.symlink_to(root / "real")
+    body = job_body(model=str(link))
+    assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
+    link.unlink()
+    link.symlink_to(tmp_path / "elsewhere")
+    assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
+    later = jobs._clock() + jobs.MODEL_TRUST_SECONDS
+    monkeypatch.setattr(jobs, "_clock", lambda: later)
+    refused = client.post("/v1/jobs", json=body, headers={"X-API-Key": key})
+    assert refused.status_code == 422 and "outside the configured model roots" in refused.json()["detail"]
+
+
+def test_a_refused_model_reference_is_not_remembered(client, key, settings):
+    root = settings.model_roots[0]
+    body = job_body(model=str(root / "later"))
+    link = root / "later"
+    root.mkdir(parents=True, exist_ok=True)
+    link.symlink_to("/etc")
+    assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 422
+    link.unlink()
+    link.mkdir()
+    assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
