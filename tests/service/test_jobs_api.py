@@ -1,9 +1,13 @@
 """The job API over a real Redis: create, idempotency, paging, tenants, cancel of a queued job."""
 
+import gc
 import json
 
+from litestar.testing import TestClient
+
 from hoppatch.routing import SHARED_QUEUE, rq_queue_key
-from hoppatch.service import auth, jobs
+from hoppatch.service import app as app_module, auth, jobs
+from hoppatch.service.app import create_app
 from hoppatch.service.auth import create_key, revoke_keys
 
 from .conftest import EXAMPLES_FILE, job_body
@@ -175,3 +179,15 @@ def test_a_refused_model_reference_is_not_remembered(client, key, settings):
     link.unlink()
     link.mkdir()
     assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
+
+
+def test_the_api_process_freezes_its_startup_objects_and_collects_young_objects_less_often(settings):
+    thresholds = gc.get_threshold()
+    try:
+        with TestClient(app=create_app(settings)) as client:
+            assert client.get("/healthz").status_code == 200
+            assert gc.get_threshold() == app_module.GC_THRESHOLDS
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
