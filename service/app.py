@@ -61,6 +61,12 @@ def settle_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def release_collector() -> None:
+    """Hand the frozen objects back to the collector when the app stops, for a process that goes on (a test
+    process builds many apps)."""
+    gc.unfreeze()
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings()
     client = connect(settings.redis_url, max_connections=64)
@@ -127,6 +133,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         lifespan=[maintenance],
         on_startup=[settle_collector],
+        on_shutdown=[release_collector],
         openapi_config=OpenAPIConfig(
             title="hoppatch",
             version=__version__,

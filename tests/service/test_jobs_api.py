@@ -181,13 +181,14 @@ def test_a_refused_model_reference_is_not_remembered(client, key, settings):
     assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
 
 
-def test_the_api_process_freezes_its_startup_objects_and_collects_young_objects_less_often(settings):
+def test_the_api_process_freezes_its_startup_objects_while_it_serves_and_collects_young_objects_less_often(settings):
     thresholds = gc.get_threshold()
     try:
         with TestClient(app=create_app(settings)) as client:
             assert client.get("/healthz").status_code == 200
             assert gc.get_threshold() == app_module.GC_THRESHOLDS
             assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() == 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
