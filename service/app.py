@@ -24,7 +24,7 @@ from hoppatch.connection import connect, connect_async
 from hoppatch.jobs import SUBMIT_SCRIPT, JobStore
 from hoppatch.settings import Settings
 
-from .auth import HEADER, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
+from .auth import HEADER, KEY_CACHE_SECONDS, KEY_CACHE_SIZE, OPEN_PATHS, ApiKeyMiddleware, NoAuthMiddleware
 from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
@@ -33,6 +33,7 @@ from .jobs import CheckedModels
 from .metrics import PROMETHEUS, QUEUE_STATS
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
+from .trust import Trusted
 
 log = logging.getLogger("hoppatch.api")
 
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # SSE reads block for up to 15 s: a client of their own, with a timeout that outlasts them
             "stream_redis": connect_async(settings.redis_url, socket_timeout=30),
             "admit": aredis.register_script(SUBMIT_SCRIPT),
-            "api_key_cache": {},  # digest → (ApiKey, trusted until), see service.auth
+            "api_key_cache": Trusted(KEY_CACHE_SECONDS, KEY_CACHE_SIZE),  # digest → ApiKey, see service.auth
             "streams": OpenStreams(),
             "services": Services(store, queues, artifacts, settings, CheckedModels(settings.model_roots)),
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
 from datetime import datetime
 
 import msgspec
@@ -21,6 +20,7 @@ from msgspec import Struct
 from hoppatch.jobs import PREFIX, api_key_key, now
 
 from .problems import Unauthorized
+from .trust import Trusted
 
 HEADER = "X-API-Key"
 LOCAL_TENANT = "local"
@@ -86,7 +86,6 @@ def revoke_keys(client: redis.Redis, *, key: str | None = None, key_id: str | No
 KEY_CACHE_SECONDS = 5.0
 """How long a process trusts a key it has looked up: a revoked key stops working within this time."""
 KEY_CACHE_SIZE = 10_000
-_clock = time.monotonic
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -95,18 +94,15 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         if not key:
             raise Unauthorized(f"send an API key in the {HEADER} header")
         # The app's cache holds known keys only: a new key works at once, unknown ones cannot fill it.
-        known: dict[str, tuple[ApiKey, float]] = connection.app.state.api_key_cache
+        known: Trusted[str, ApiKey] = connection.app.state.api_key_cache
         hashed = digest(key)
-        record, expires = known.get(hashed, (LOCAL_KEY, 0.0))
-        if _clock() >= expires:
+        record = known.get(hashed)
+        if record is None:
             found = await connection.app.state.aredis.get(api_key_key(hashed))
             if found is None:
-                known.pop(hashed, None)
+                known.forget(hashed)
                 raise Unauthorized("unknown or revoked API key")
-            if len(known) >= KEY_CACHE_SIZE:
-                known.clear()
-            record = _decoder.decode(found)
-            known[hashed] = (record, _clock() + KEY_CACHE_SECONDS)
+            record = known.put(hashed, _decoder.decode(found))
         return AuthenticationResult(user=record.tenant, auth=record)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import msgspec
@@ -22,6 +21,7 @@ from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
 from .auth import ApiKey
 from .problems import IdempotencyConflict, JobNotFound, JobRejected, ModelNotAllowed, ModelNotServed, NotCancellable, TooManyRequests
+from .trust import Trusted
 
 LOAD_ALLOWANCE_SECONDS = 600
 """Added to the job's own time budget for RQ's hard timeout: loading (or converting) a model. The engine's
@@ -36,7 +36,6 @@ MODEL_TRUST_SECONDS = 5.0
 """How long a process trusts a model reference it has checked: a directory's check resolves its real path on
 disk, which cost more than the rest of a submission. The worker checks the reference again when it loads it."""
 MODEL_TRUST_SIZE = 1024
-_clock = time.monotonic
 
 
 class CheckedModels:
@@ -45,19 +44,17 @@ class CheckedModels:
 
     def __init__(self, model_roots: tuple[Path, ...]) -> None:
         self.model_roots = model_roots
-        self._trusted_until: dict[str, float] = {}
+        self._trusted: Trusted[str, bool] = Trusted(MODEL_TRUST_SECONDS, MODEL_TRUST_SIZE)
 
     def check(self, ref: str, key: ApiKey) -> None:
         """Reject what no worker could load (unknown built-ins, paths outside the model roots) and what this
         key may not patch."""
-        if self._trusted_until.get(ref, 0.0) <= _clock():
+        if self._trusted.get(ref) is None:
             try:
                 check_model_ref(ref, self.model_roots)
             except ModelRefError as exc:
                 raise JobRejected(str(exc), "/model") from None
-            if len(self._trusted_until) >= MODEL_TRUST_SIZE:
-                self._trusted_until.clear()
-            self._trusted_until[ref] = _clock() + MODEL_TRUST_SECONDS
+            self._trusted.put(ref, True)
         if key.models and ref not in key.models:
             raise ModelNotAllowed(f"this API key may patch only: {', '.join(key.models)}", "/model")
 

@@ -6,7 +6,7 @@ import json
 from litestar.testing import TestClient
 
 from hoppatch.routing import SHARED_QUEUE, rq_queue_key
-from hoppatch.service import app as app_module, auth, jobs
+from hoppatch.service import app as app_module, auth, jobs, trust
 from hoppatch.service.app import create_app
 from hoppatch.service.auth import create_key, revoke_keys
 
@@ -52,8 +52,8 @@ def test_a_revoked_key_is_trusted_for_the_cache_time_then_refused(client, redis_
     assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
     assert revoke_keys(redis_client, key_id=record.id) == [record]
     assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 200
-    later = auth._clock() + auth.KEY_CACHE_SECONDS
-    monkeypatch.setattr(auth, "_clock", lambda: later)
+    later = trust._clock() + auth.KEY_CACHE_SECONDS
+    monkeypatch.setattr(trust, "_clock", lambda: later)
     assert client.get("/v1/jobs", headers={"X-API-Key": key}).status_code == 401
 
 
@@ -163,8 +163,8 @@ def test_a_model_directory_is_trusted_for_the_cache_time_then_checked_again(clie
     link.unlink()
     link.symlink_to(tmp_path / "elsewhere")
     assert client.post("/v1/jobs", json=body, headers={"X-API-Key": key}).status_code == 202
-    later = jobs._clock() + jobs.MODEL_TRUST_SECONDS
-    monkeypatch.setattr(jobs, "_clock", lambda: later)
+    later = trust._clock() + jobs.MODEL_TRUST_SECONDS
+    monkeypatch.setattr(trust, "_clock", lambda: later)
     refused = client.post("/v1/jobs", json=body, headers={"X-API-Key": key})
     assert refused.status_code == 422 and "outside the configured model roots" in refused.json()["detail"]
 
