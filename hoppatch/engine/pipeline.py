@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hoppatch.spec import JobSpec, TwoHopExample
@@ -41,12 +43,22 @@ from .edit import (
     last_token_keys,
 )
 from .errors import InvalidJob, NoCompositionFailure
-from .evaluate import FluencyReading, Probe, ProbeOutcome, build_probes, fluency_layer_input, kl_drift, read_fluency, read_probes
+from .evaluate import (
+    FluencyReading,
+    Probe,
+    ProbeOutcome,
+    build_probes,
+    fluency_layer_input,
+    fluency_text,
+    kl_drift,
+    read_fluency,
+    read_probes,
+)
 from .lens import LensCurve, first_token, logit_lens
 from .lineage import BasePatch, stacked
 from .locate import LocateResult, locate_layers
 from .models import LoadedModel, cache_root
-from .tracing import attn_out_gradients, recorded_layer_input
+from .tracing import attn_out_gradients, encode, recorded_layer_input
 from .unrelated import counterfactual_queries, preserve_prompts
 
 
@@ -125,11 +137,7 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
         if stats is not None:
             found[layer] = stats
     for layer, stats in (key_statistics(lm, prompts, list(missing)).items() if missing else ()):
-        directory = missing[layer]
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = directory / f".statistics.{os.getpid()}.partial"
-        save_file({"last": stats.last.cpu().contiguous(), "moment": stats.moment.cpu().contiguous()}, str(staging))
-        staging.rename(directory / "statistics.safetensors")
+        _store(missing[layer] / "statistics.safetensors", {"last": stats.last, "moment": stats.moment})
         found[layer] = stats
     for layer, stats in found.items():
         stats.base_factor(config)  # computed before it is sized and kept
@@ -137,10 +145,22 @@ def preserved_statistics(lm: LoadedModel, prompts: Sequence[str], layers: Sequen
     return {layer: found[layer] for layer in layers}
 
 
+def _store(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a disk-cache file atomically: a concurrent reader finds the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.{os.getpid()}.partial"
+    save_file({name: t.cpu().contiguous() for name, t in tensors.items()}, str(staging), metadata)
+    staging.rename(path)
+
+
+DISK_CACHES = ("preserved-keys", "fluency")
+"""The engine's disk caches under `cache_root()`: preserved-key statistics and base fluency readings."""
+
+
 def trim_statistics_cache(budget: int) -> list[Path]:
-    """Delete the least recently used statistics files until the disk cache holds at most `budget` bytes."""
+    """Delete the least recently used disk-cache files until the caches hold at most `budget` bytes together."""
     files = []
-    for path in (cache_root() / "preserved-keys").rglob("statistics.safetensors"):
+    for path in (p for cache in DISK_CACHES for p in (cache_root() / cache).rglob("*.safetensors")):
         try:
             info = path.stat()
         except FileNotFoundError:  # another worker sharing the cache trimmed it
@@ -327,16 +347,42 @@ def prepare_edit(
     return EditInputs(preserved, counterfactual_keys, gradients)
 
 
+FLUENCY_READING_FORMAT = "fluency-reading/1"
+"""Version of the stored base fluency reading; a changed definition never reuses a stored one."""
+
+
 def base_fluency(lm: LoadedModel, record_layer: int | None = None) -> FluencyReading:
-    """The unedited model's fluency reading, kept warm (every job restores the base weights). When it is read
-    anew, the same pass also keeps the text's input to `record_layer` (see `base_fluency_input`)."""
-    if lm.warm.fluency is None and record_layer is None:
-        lm.warm.fluency = read_fluency(lm)
-    elif lm.warm.fluency is None:
-        with recorded_layer_input(lm, record_layer) as seen:
-            lm.warm.fluency = read_fluency(lm)
+    """The unedited model's fluency reading, kept warm (every job restores the base weights) and on disk (a
+    new process reads it there instead of unembedding the whole text). When it is read anew, the same pass
+    also keeps the text's input to `record_layer` (see `base_fluency_input`)."""
+    if lm.warm.fluency is not None:
+        return lm.warm.fluency
+    path = _fluency_path(lm)
+    if path.exists():
+        os.utime(path)  # recently used: trimmed last
+        with safe_open(str(path), "pt") as stored:
+            perplexity = float(stored.metadata()["perplexity"])
+            lm.warm.fluency = FluencyReading(perplexity, stored.get_tensor("top_ids"), stored.get_tensor("logprobs"))
+        return lm.warm.fluency
+    with recorded_layer_input(lm, record_layer) if record_layer is not None else nullcontext([]) as seen:
+        reading = read_fluency(lm)
+    if seen:
         lm.warm.fluency_inputs[record_layer] = seen[0]
-    return lm.warm.fluency
+    _store(path, {"top_ids": reading.top_ids, "logprobs": reading.logprobs}, {"perplexity": repr(reading.perplexity)})
+    lm.warm.fluency = reading
+    return reading
+
+
+def _fluency_path(lm: LoadedModel) -> Path:
+    """The base reading depends on the text's token ids, every weight (through their hashes) and the kind of
+    device it ran on."""
+    digest = hashlib.sha256(FLUENCY_READING_FORMAT.encode())
+    digest.update(lm.device.type.encode())
+    digest.update(encode(lm, [fluency_text()]).input_ids.cpu().numpy().tobytes())
+    for name, parameter in lm.model.named_parameters():
+        digest.update(name.encode())
+        digest.update(_parameter_hash(lm, name, parameter).encode())
+    return cache_root() / "fluency" / digest.hexdigest()[:32] / "reading.safetensors"
 
 
 def base_fluency_input(lm: LoadedModel, layer: int) -> torch.Tensor:

@@ -197,6 +197,30 @@ def test_preserved_statistics_are_cached_on_disk_keyed_by_the_weights_below(tiny
     assert not torch.allclose(changed[1].moment, first[1].moment)
 
 
+def test_the_base_fluency_reading_is_stored_on_disk_keyed_by_every_weight(tmp_path, monkeypatch):
+    from hoppatch.engine import pipeline
+    from hoppatch.engine.tiny_models import tiny_model
+
+    monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
+    tiny = tiny_model("llama")  # a family whose positions outlast the fluency text
+    first = pipeline.base_fluency(tiny, record_layer=1)
+    assert 1 in tiny.warm.fluency_inputs  # the same pass kept the layer's input
+    [stored] = tmp_path.rglob("reading.safetensors")
+    tiny.warm.clear()  # a new process: nothing warm
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "read_fluency", lambda *a, **k: pytest.fail("the stored reading was read again"))
+        again = pipeline.base_fluency(tiny, record_layer=1)
+    assert again.perplexity == first.perplexity
+    torch.testing.assert_close(again.top_ids, first.top_ids)
+    torch.testing.assert_close(again.logprobs, first.logprobs)
+    with torch.no_grad():
+        tiny.layers[-1].get_submodule(tiny.arch.attn_out).weight.mul_(2.0)  # the top layer: every position's reading moves
+    tiny.warm.clear()
+    changed = pipeline.base_fluency(tiny)
+    assert len(list(tmp_path.rglob("reading.safetensors"))) == 2 and stored.exists()
+    assert changed.perplexity != first.perplexity
+
+
 def test_preserved_statistics_of_another_projection_are_cached_apart(tmp_path, monkeypatch):
     from dataclasses import replace
 
@@ -249,15 +273,16 @@ def test_an_interrupted_restore_is_caught_by_the_weight_hashes(tiny):
     assert not base_weights_intact(tiny)
 
 
-def test_the_statistics_disk_cache_is_trimmed_least_recently_used_first(tmp_path, monkeypatch):
+def test_the_disk_caches_are_trimmed_together_least_recently_used_first(tmp_path, monkeypatch):
     import os
 
     from hoppatch.engine.pipeline import trim_statistics_cache
 
     monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
     files = []
+    kinds = {"new": "preserved-keys/new/statistics", "middle": "fluency/middle/reading", "old": "preserved-keys/old/statistics"}
     for age, name in enumerate(["new", "middle", "old"]):
-        path = tmp_path / "preserved-keys" / name / "statistics.safetensors"
+        path = tmp_path / f"{kinds[name]}.safetensors"
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x" * 1000)
         os.utime(path, (1_000_000 - age, 1_000_000 - age))
