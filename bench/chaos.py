@@ -56,7 +56,7 @@ class Scale:
 
 SCALES = {
     "full": Scale(burst_jobs=1000, tenant_max_active=200, worker_kills=20, kill_jobs=20, soak_jobs=300, soak_sample_at=50),
-    "ci": Scale(burst_jobs=120, tenant_max_active=30, worker_kills=3, kill_jobs=6, soak_jobs=60, soak_sample_at=20),
+    "ci": Scale(burst_jobs=80, tenant_max_active=20, worker_kills=3, kill_jobs=6, soak_jobs=40, soak_sample_at=15),
 }
 
 
