@@ -6,8 +6,9 @@ warm, and the edit of the authors' recipe on the same examples in the same proce
 Four runs in one process: the first job; the same job again on the warm model (a resubmission: the base
 model's readings of those examples are kept warm); the job on a warm model that has not read these examples
 (its fluency reading and preserved-key statistics kept, as a worker keeps them); and the job with the whole
-warm state cleared (every input read anew, which the comparison with the authors' recipe uses). --cold first empties a private cache directory, so the GGUF conversion and the preserved-key statistics are
-paid again (they are cached under HOPPATCH_CACHE afterwards).
+warm state cleared (every input read anew, which the comparison with the authors' recipe uses). --cold first
+empties a private cache directory, so the GGUF conversion, the preserved-key statistics and the base fluency
+reading are paid again (they are cached under HOPPATCH_CACHE afterwards).
 """
 
 from __future__ import annotations

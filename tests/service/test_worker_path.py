@@ -174,28 +174,26 @@ def test_killed_worker_fails_its_job_and_a_new_worker_takes_over(service, worker
 
 
 def test_each_job_lands_on_the_worker_that_has_its_model_warm(redis_url, redis_client, tmp_path):
-    """Two served models (the built-in one and a tiny local one), one worker group each: every job runs on
-    its model's worker, and neither worker loads a model after its start (cache hits only)."""
-    tiny = tmp_path / "models" / "tiny-llama"
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(tiny)
-    lm.tokenizer.save_pretrained(tiny)
-    gemma = "builtin:gemma-3-270m"
+    """Two served models (two tiny local ones of different families), one worker group each: every job runs
+    on its model's worker, and neither worker loads a model after its start (cache hits only)."""
+    models = []
+    for family in ("llama", "qwen2"):
+        lm = tiny_model(family)
+        models.append(str(tmp_path / "models" / f"tiny-{family}"))
+        lm.model.save_pretrained(models[-1])
+        lm.tokenizer.save_pretrained(models[-1])
     settings = Settings(
         redis_url=redis_url, artifact_dir=tmp_path / "artifacts", auth=False, heartbeat_timeout=HEARTBEAT_TIMEOUT,
-        model_roots=(tmp_path / "models",), served_models=(gemma, str(tiny)),
+        model_roots=(tmp_path / "models",), served_models=tuple(models),
     )
     with TestClient(app=create_app(settings), timeout=30) as client:
-        workers = {
-            gemma: WorkerProcess(settings, tmp_path / "gemma.log", ("--models", gemma)),
-            str(tiny): WorkerProcess(settings, tmp_path / "tiny.log", ("--models", str(tiny))),
-        }
+        workers = {model: WorkerProcess(settings, tmp_path / f"{Path(model).name}.log", ("--models", model)) for model in models}
         try:
             _until(lambda: all(m["workers"] == 1 for m in client.get("/readyz").json().get("models", {}).values()), 300,
-                   "the two worker groups never came up", workers[gemma])
+                   "the two worker groups never came up", workers[models[0]])
             jobs = [
                 (model, client.post("/v1/jobs", json=job_body(model=model, preamble=PREAMBLE)).json()["id"])
-                for model in (str(tiny), gemma, str(tiny), gemma)
+                for model in (*models, *models)
             ]
             for model, job_id in jobs:
                 done = _until(lambda: (j := _job(client, job_id))["status"] in ("succeeded", "failed") and j, 600, "job did not end", workers[model])
