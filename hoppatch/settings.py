@@ -53,7 +53,8 @@ class Settings:
     warm_cache_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_WARM_CACHE_MIB", "1408")) << 20)
     """Bytes each warm model's caches (readings, locate rows, keys, statistics) may hold together."""
     statistics_disk_bytes: int = field(default_factory=lambda: int(_env("HOPPATCH_STATISTICS_DISK_MIB", "4096")) << 20)
-    """Bytes the on-disk cache of preserved-key statistics may hold; least recently used files go first."""
+    """Bytes the disk caches (preserved-key statistics, base fluency readings) may hold together; least recently
+    used files go first."""
     served_models: tuple[str, ...] = field(default_factory=lambda: parse_models(_env("HOPPATCH_SERVED_MODELS", "")))
     """Models that worker groups serve, each with its own queue (see `hoppatch.routing`); empty: any model,
     one shared queue."""

@@ -17,7 +17,7 @@ import redis
 
 from hoppatch.artifacts import ArtifactStore
 from hoppatch.engine.errors import Cancelled, EngineError, InvalidJob
-from hoppatch.engine.pipeline import base_weights_intact, patch, trim_statistics_cache
+from hoppatch.engine.pipeline import base_weights_intact, patch, trim_disk_caches
 from hoppatch.jobs import JobError, JobResult, JobStatus, JobStore, now
 from hoppatch.spec import JobSpec
 
@@ -98,7 +98,7 @@ def run_edit_job(job_id: str) -> str:
         metrics.BUSY.set(0)
         metrics.JOB_SECONDS.observe(time.perf_counter() - started)
         _check_model(_worker.models, spec.model)
-        trim_statistics_cache(_worker.statistics_disk_bytes)
+        trim_disk_caches(_worker.statistics_disk_bytes)
     metrics.JOBS.labels(outcome).inc()
     return outcome
 

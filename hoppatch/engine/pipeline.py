@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +157,7 @@ DISK_CACHES = ("preserved-keys", "fluency")
 """The engine's disk caches under `cache_root()`: preserved-key statistics and base fluency readings."""
 
 
-def trim_statistics_cache(budget: int) -> list[Path]:
+def trim_disk_caches(budget: int) -> list[Path]:
     """Delete the least recently used disk-cache files until the caches hold at most `budget` bytes together."""
     files = []
     for path in (p for cache in DISK_CACHES for p in (cache_root() / cache).rglob("*.safetensors")):

@@ -276,7 +276,7 @@ def test_an_interrupted_restore_is_caught_by_the_weight_hashes(tiny):
 def test_the_disk_caches_are_trimmed_together_least_recently_used_first(tmp_path, monkeypatch):
     import os
 
-    from hoppatch.engine.pipeline import trim_statistics_cache
+    from hoppatch.engine.pipeline import trim_disk_caches
 
     monkeypatch.setenv("HOPPATCH_CACHE", str(tmp_path))
     files = []
@@ -287,8 +287,8 @@ def test_the_disk_caches_are_trimmed_together_least_recently_used_first(tmp_path
         path.write_bytes(b"x" * 1000)
         os.utime(path, (1_000_000 - age, 1_000_000 - age))
         files.append(path)
-    assert trim_statistics_cache(2500) == [files[2]]
-    assert trim_statistics_cache(1000) == [files[1]]
+    assert trim_disk_caches(2500) == [files[2]]
+    assert trim_disk_caches(1000) == [files[1]]
     assert [p.exists() for p in files] == [True, False, False]
 
 
