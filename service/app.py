@@ -30,7 +30,7 @@ from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
 from .deps import Services
 from .jobs import CheckedModels
-from .metrics import PROMETHEUS, QUEUE_STATS
+from .metrics import QUEUE_STATS, RequestMetrics
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
 from .trust import Trusted
@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         before_request=answer_options,
         route_handlers=[JobController, ArtifactController, HealthController, MetricsController],
         state=state,
-        middleware=[PROMETHEUS.middleware, DefineMiddleware(auth, exclude=OPEN_PATHS)],
+        middleware=[RequestMetrics(), DefineMiddleware(auth, exclude=OPEN_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         lifespan=[maintenance],

@@ -1,9 +1,13 @@
-"""API metrics: requests by route template (Litestar's middleware), jobs submitted, queue depth, jobs by state."""
+"""API metrics: requests by route template, jobs submitted, queue depth, jobs by state."""
 
 from __future__ import annotations
 
-from litestar.plugins.prometheus import PrometheusConfig
-from prometheus_client import REGISTRY, Counter
+import time
+
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rq import Queue, Worker
@@ -11,9 +15,66 @@ from rq import Queue, Worker
 from hoppatch.jobs import JobStatus, JobStore
 from hoppatch.spec import BUILTIN_MODELS
 
-PROMETHEUS = PrometheusConfig(app_name="hoppatch", prefix="hoppatch_api", group_path=True, exclude=["/metrics"])
+from .problems import answered_status
 
+APP_NAME = "hoppatch"
+REQUEST_LABELS = ("method", "path", "status_code", "app_name")
+REQUESTS = Counter("hoppatch_api_requests_total", "Requests, by method, route template and status.", REQUEST_LABELS)
+REQUEST_SECONDS = Histogram("hoppatch_api_request_duration_seconds", "Seconds from a request's arrival to the end of its response body.", REQUEST_LABELS)
+REQUEST_ERRORS = Counter("hoppatch_api_requests_error_total", "Requests answered with a 5xx status.", REQUEST_LABELS)
 JOBS_SUBMITTED = Counter("hoppatch_api_jobs_submitted_total", "Jobs accepted by the API, by model (built-ins, else other).", ["model"])
+IN_PROGRESS = Gauge("hoppatch_api_requests_in_progress", "Requests being served, by method and route template.", ("method", "path", "app_name"))
+
+
+class RequestMetrics(ASGIMiddleware):
+    """Counts and times each request by method, route template and status (the series of Litestar's
+    Prometheus plugin). It keeps each label set's children, so a request costs a dict lookup: building the
+    labels per request costs about a tenth of a submission's time on the plugin's path."""
+
+    scopes = (ScopeType.HTTP,)
+    exclude_path_pattern = "^/metrics$"
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._in_progress: dict[tuple[str, str], Gauge] = {}
+
+    def _series(self, method: str, path: str, status: int) -> tuple[Counter, Histogram]:
+        key = (method, path, status)
+        series = self._children.get(key)
+        if series is None:
+            labels = (method, path, str(status), APP_NAME)
+            series = self._children[key] = (REQUESTS.labels(*labels), REQUEST_SECONDS.labels(*labels))
+        return series
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        method, path = scope["method"], scope["path_template"]
+        span = {"status": 500, "seconds": 0.0}
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                span["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                span["seconds"] = time.perf_counter() - started
+            await send(message)
+
+        gauge = self._in_progress.get((method, path))
+        if gauge is None:
+            gauge = self._in_progress[(method, path)] = IN_PROGRESS.labels(method, path, APP_NAME)
+        gauge.inc()
+        try:
+            await next_app(scope, receive, observed_send)
+        except Exception as exc:
+            span["status"] = answered_status(exc)
+            raise
+        finally:
+            gauge.dec()
+            status = int(span["status"])
+            count, seconds = self._series(method, path, status)
+            count.inc()
+            seconds.observe(span["seconds"] or time.perf_counter() - started)
+            if status >= 500:
+                REQUEST_ERRORS.labels(method, path, str(status), APP_NAME).inc()
 
 
 def model_label(ref: str) -> str:

@@ -174,6 +174,18 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
     return problem_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal-error", "Internal server error", "internal error", request.url.path)
 
 
+def answered_status(exc: Exception) -> int:
+    """The status the handlers below answer `exc` with, for code outside them that must count it (a middleware
+    sees an exception raised in an outer middleware, such as authentication, before the app answers it)."""
+    if isinstance(exc, ServiceError):
+        return exc.status
+    if isinstance(exc, redis.RedisError):
+        return ServiceUnavailable.status
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return HTTP_500_INTERNAL_SERVER_ERROR
+
+
 EXCEPTION_HANDLERS = {
     ServiceError: service_error_handler,
     redis.RedisError: redis_error_handler,

@@ -4,6 +4,7 @@ import gc
 import json
 
 from litestar.testing import TestClient
+from prometheus_client import REGISTRY
 
 from hoppatch.routing import SHARED_QUEUE, rq_queue_key
 from hoppatch.service import app as app_module, auth, jobs, trust
@@ -107,6 +108,30 @@ def test_open_endpoints(client):
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["workers"] == 0  # no worker in this test
     assert "hoppatch_queue_depth" in client.get("/metrics").text
+
+
+def _requests(method: str, path: str, status: str) -> float:
+    labels = {"method": method, "path": path, "status_code": status, "app_name": "hoppatch"}
+    return REGISTRY.get_sample_value("hoppatch_api_requests_total", labels) or 0.0
+
+
+def test_requests_are_counted_by_route_template_and_status_and_scrapes_are_not(client, key):
+    headers = {"X-API-Key": key}
+    before = {
+        "created": _requests("POST", "/v1/jobs", "202"),
+        "missing": _requests("GET", "/v1/jobs/{job_id}", "404"),
+        "unauthenticated": _requests("GET", "/v1/jobs/{job_id}", "401"),
+    }
+    client.post("/v1/jobs", json=job_body(), headers=headers)
+    for job_id in ("job_a", "job_b"):
+        client.get(f"/v1/jobs/{job_id}", headers=headers)
+    client.get("/v1/jobs/job_a")
+    scrape = client.get("/metrics").text
+    assert _requests("POST", "/v1/jobs", "202") - before["created"] == 1
+    assert _requests("GET", "/v1/jobs/{job_id}", "404") - before["missing"] == 2
+    assert _requests("GET", "/v1/jobs/{job_id}", "401") - before["unauthenticated"] == 1
+    assert 'path="/metrics"' not in scrape
+    assert REGISTRY.get_sample_value("hoppatch_api_request_duration_seconds_count", {"method": "POST", "path": "/v1/jobs", "status_code": "202", "app_name": "hoppatch"}) >= 1
 
 
 def test_event_stream_ends_after_the_terminal_event_and_resumes(client, key):
