@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -122,9 +123,19 @@ class LoadedModel:
     def unembed(self) -> nn.Module:
         return self.model.get_output_embeddings()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits from final-normed hidden states, with the model's logit soft-cap where it has one."""
-        logits = self.unembed(hidden.to(self.model.dtype))
+    @property
+    def vocab_size(self) -> int:
+        return self.unembed.weight.shape[0]
+
+    def logits(self, hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
+        """Logits from final-normed hidden states, with the model's logit soft-cap where it has one; only the
+        tokens of `vocab` where given."""
+        hidden = hidden.to(self.model.dtype)
+        if vocab is None:
+            logits = self.unembed(hidden)
+        else:
+            bias = self.unembed.bias
+            logits = F.linear(hidden, self.unembed.weight[vocab], None if bias is None else bias[vocab])
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

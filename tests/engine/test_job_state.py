@@ -221,6 +221,29 @@ def test_the_base_fluency_reading_is_stored_on_disk_keyed_by_every_weight(tmp_pa
     assert changed.perplexity != first.perplexity
 
 
+def test_the_fluency_reading_unembedded_in_vocabulary_slices_is_the_whole_softmax(monkeypatch):
+    """Perplexity, top tokens and their log-probabilities as one log-softmax over the whole vocabulary gives
+    them, with the vocabulary read in several slices (a slice size that does not divide it)."""
+    from hoppatch.engine import evaluate
+    from hoppatch.engine.tiny_models import tiny_model
+    from hoppatch.engine.tracing import encode, final_hidden_states
+
+    tiny = tiny_model("llama")
+    monkeypatch.setattr(evaluate, "FLUENCY_VOCAB_SLICE", tiny.vocab_size // 3 + 7)
+    reading = evaluate.read_fluency(tiny)
+    batch = encode(tiny, [evaluate.fluency_text()])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(tiny.logits(final_hidden_states(tiny, batch)[0, :-1]).double(), -1)
+    targets = batch.input_ids[0, 1:, None]
+    assert reading.perplexity == pytest.approx(float(torch.exp(-logprobs.gather(1, targets).mean())), rel=1e-5)
+    top = logprobs.topk(evaluate.FLUENCY_TOP_TOKENS, -1)
+    torch.testing.assert_close(reading.logprobs[:, :-1].double(), top.values, atol=1e-4, rtol=0)
+    assert (reading.top_ids == top.indices).float().mean() > 0.99  # ties among near-equal tails may swap
+    again = evaluate.read_fluency(tiny, base=reading)  # read at the base's tokens: the same columns
+    torch.testing.assert_close(again.logprobs, reading.logprobs)
+    assert evaluate.kl_drift(reading, again) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_preserved_statistics_of_another_projection_are_cached_apart(tmp_path, monkeypatch):
     from dataclasses import replace
 
