@@ -6,6 +6,7 @@ import time
 
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -49,13 +50,14 @@ class RequestMetrics(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         started = time.perf_counter()
         method, path = scope["method"], scope["path_template"]
-        span = {"status": 500, "seconds": 0.0}
+        status, seconds = HTTP_500_INTERNAL_SERVER_ERROR, None
 
         async def observed_send(message: Message) -> None:
+            nonlocal status, seconds
             if message["type"] == "http.response.start":
-                span["status"] = message["status"]
+                status = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                span["seconds"] = time.perf_counter() - started
+                seconds = time.perf_counter() - started
             await send(message)
 
         gauge = self._in_progress.get((method, path))
@@ -65,15 +67,14 @@ class RequestMetrics(ASGIMiddleware):
         try:
             await next_app(scope, receive, observed_send)
         except Exception as exc:
-            span["status"] = answered_status(exc)
+            status = answered_status(exc)
             raise
         finally:
             gauge.dec()
-            status = int(span["status"])
-            count, seconds = self._series(method, path, status)
+            count, duration = self._series(method, path, status)
             count.inc()
-            seconds.observe(span["seconds"] or time.perf_counter() - started)
-            if status >= 500:
+            duration.observe(time.perf_counter() - started if seconds is None else seconds)
+            if status >= HTTP_500_INTERNAL_SERVER_ERROR:
                 REQUEST_ERRORS.labels(method, path, str(status), APP_NAME).inc()
 
 
