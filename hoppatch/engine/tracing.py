@@ -118,7 +118,7 @@ def encode_ids(
 def prefix_cache(lm: LoadedModel, prefix: list[int]) -> Cache:
     checkpoint()
     ids = torch.tensor([prefix], device=lm.device)
-    return lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
+    return lm.model(input_ids=ids, use_cache=True, logits_to_keep=_kept(lm, None)).cache
 
 
 def encode(lm: LoadedModel, prompts: Sequence[str], share_prefix: bool = True) -> Encoded:
@@ -130,8 +130,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs):
-    """The model's forward pass over the rows' own tokens; positions count from each prompt's first real token."""
+def _kept(lm: LoadedModel, logits_to_keep: int | None) -> int | torch.Tensor:
+    """transformers' `logits_to_keep` for the last `logits_to_keep` positions; for None, no position."""
+    return torch.empty(0, dtype=torch.long, device=lm.device) if logits_to_keep is None else logits_to_keep
+
+
+def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int | None = 1, **kwargs):
+    """The model's forward pass over the rows' own tokens; positions count from each prompt's first real token.
+
+    `logits_to_keep=None` unembeds no position, for a pass run for what its hooks see or for its hidden
+    states: the unembedding is a product with the whole vocabulary, whose weight read alone costs a small
+    model's pass as much as many of its tokens."""
     checkpoint()
     # Without explicit positions a left-padded prompt would start at position = its padding, not 0.
     positions = position_ids(batch.attention_mask)[:, -batch.input_ids.shape[1] :]
@@ -142,7 +151,7 @@ def run_model(lm: LoadedModel, batch: Encoded, logits_to_keep: int = 1, **kwargs
         attention_mask=batch.attention_mask,
         position_ids=positions,
         cache=cache,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=_kept(lm, logits_to_keep),
         **kwargs,
     )
 
@@ -278,7 +287,7 @@ def layer_input(lm: LoadedModel, batch: Encoded, layer: int) -> torch.Tensor:
     The pass stops there."""
     with recorded_layer_input(lm, layer, stop=True) as seen:
         try:
-            forward(lm, batch)
+            run_model(lm, batch, None)
         except _StopForward:
             pass
     return seen[0]
@@ -335,7 +344,7 @@ def run_replacing(lm: LoadedModel, batch: Encoded, layers: Sequence[int], visit,
 
     with projection_hooks(lm, layers, hook_for):
         try:
-            forward(lm, batch)
+            run_model(lm, batch, None)
         except _StopForward:
             pass
 
@@ -393,12 +402,12 @@ def patched_last_logits(
 @torch.no_grad()
 def final_hidden_states(lm: LoadedModel, batch: Encoded) -> torch.Tensor:
     """The unembedding's input (the final-normed residual stream) at every position of the rows' own tokens:
-    (B, T, D). The unembedding itself runs on one position only; `LoadedModel.logits` finishes the job."""
+    (B, T, D). The unembedding itself runs on no position; `LoadedModel.logits` finishes the job."""
     captured: list[torch.Tensor] = []
 
     def capture(module, args):
         captured.append(args[0])
-        return (args[0][:, -1:],)
+        return (args[0][:, :0],)
 
     handle = lm.unembed.register_forward_pre_hook(capture)
     try:
@@ -411,5 +420,5 @@ def final_hidden_states(lm: LoadedModel, batch: Encoded) -> torch.Tensor:
 @torch.no_grad()
 def hidden_states_last(lm: LoadedModel, prompts: Sequence[str]) -> torch.Tensor:
     """Residual stream at the last token after the embeddings and each layer: (L+1, B, D)."""
-    out = run_model(lm, encode(lm, prompts), output_hidden_states=True)
+    out = run_model(lm, encode(lm, prompts), None, output_hidden_states=True)
     return torch.stack([h[:, -1].float() for h in out.hidden_states])

@@ -5,9 +5,11 @@ import torch
 from hoppatch.engine.tracing import (
     encode,
     encode_ids,
+    final_hidden_states,
     forward,
     forward_at,
     greedy_tokens,
+    hidden_states_last,
     layer_input,
     record_attn_out,
     recorded_layer_input,
@@ -71,6 +73,24 @@ def test_logits_at_kept_positions_are_those_of_the_whole_forward(tiny):
     batch = encode(tiny, PROMPTS[:3])
     keep = torch.tensor([[True, False, True], [False, False, True], [False, True, False]])
     torch.testing.assert_close(forward_at(tiny, batch, keep), forward(tiny, batch, logits_to_keep=3)[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_passes_read_for_hooks_caches_or_hidden_states_unembed_no_position(tiny):
+    """The unembedding, a product with the whole vocabulary, runs only where logits are read."""
+    unembedded: list[int] = []
+    handle = tiny.unembed.register_forward_hook(lambda module, args, out: unembedded.append(out.shape[:-1].numel()))
+    try:
+        batch = encode(tiny, PROMPTS)  # the shared preamble runs once, for its keys and values
+        record_attn_out(tiny, PROMPTS[:3], [0, tiny.num_layers - 1], stop_early=False)
+        hidden = final_hidden_states(tiny, batch)
+        states = hidden_states_last(tiny, PROMPTS)
+    finally:
+        handle.remove()
+    assert batch.prefix_cache is not None and unembedded and set(unembedded) == {0}
+    # what those passes return is still the model's: their last states give the logits of a whole pass
+    logits = forward(tiny, batch)[:, -1]
+    torch.testing.assert_close(tiny.logits(hidden[:, -1]), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tiny.logits(states[-1]), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_a_pass_resumed_above_the_unedited_layers_is_the_whole_pass(tiny):
