@@ -129,13 +129,12 @@ class LoadedModel:
 
     def logits(self, hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
         """Logits from final-normed hidden states, with the model's logit soft-cap where it has one; only the
-        tokens of `vocab` where given."""
-        hidden = hidden.to(self.model.dtype)
-        if vocab is None:
-            logits = self.unembed(hidden)
-        else:
-            bias = self.unembed.bias
-            logits = F.linear(hidden, self.unembed.weight[vocab], None if bias is None else bias[vocab])
+        tokens of `vocab` where given. The unembedding's weight is applied directly, so hooks on its module
+        (`tracing.unembedding_inputs`) do not see these products."""
+        weight, bias = self.unembed.weight, self.unembed.bias
+        if vocab is not None:
+            weight, bias = weight[vocab], None if bias is None else bias[vocab]
+        logits = F.linear(hidden.to(self.model.dtype), weight, bias)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -180,6 +180,40 @@ def forward_at(lm: LoadedModel, batch: Encoded, keep: torch.Tensor) -> torch.Ten
         handle.remove()
 
 
+GREEDY_VOCAB_SLICE = {"cpu": 4096}
+"""Tokens of the vocabulary unembedded at a time to pick a greedy token, per device type. On a CPU a batch's
+rows against slices run the product 15–30 % faster than against the whole vocabulary at once, which writes
+logits far past the caches; on a GPU the whole vocabulary is one kernel."""
+
+
+def greedy_next(lm: LoadedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token (B, 1) from its final-normed state (B, D): the first of equal maxima, as `argmax`."""
+    step = GREEDY_VOCAB_SLICE.get(lm.device.type, lm.vocab_size)
+    best, token = lm.logits(hidden, slice(0, step)).max(-1)
+    for start in range(step, lm.vocab_size, step):
+        value, index = lm.logits(hidden, slice(start, start + step)).max(-1)
+        better = value > best
+        best, token = torch.where(better, value, best), torch.where(better, index + start, token)
+    return token[:, None]
+
+
+@contextmanager
+def unembedding_inputs(lm: LoadedModel) -> Iterator[list[torch.Tensor]]:
+    """Passes made inside append their unembedding's input (the final-normed states of the positions whose
+    logits they keep) to the list yielded, and unembed nothing."""
+    seen: list[torch.Tensor] = []
+
+    def capture(module, args):
+        seen.append(args[0])
+        return (args[0][..., :0, :],)
+
+    handle = lm.unembed.register_forward_pre_hook(capture)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def greedy_tokens(
     lm: LoadedModel,
@@ -193,19 +227,20 @@ def greedy_tokens(
     `done(tokens)`, given the (B, t) tokens so far, may end the decoding early (every row has said enough).
     `first_logits`, if given, is called with the first step's logits (B, V): the prompts' next-token view.
     """
-    out = run_model(lm, batch, use_cache=True)
-    if first_logits is not None:
-        first_logits(out.logits[:, -1])
-    positions = position_ids(batch.attention_mask)[:, -1:]
-    mask, tokens = batch.attention_mask, []
-    for _ in range(steps):
-        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-        if len(tokens) == steps or (done is not None and done(torch.cat(tokens, dim=1))):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        positions = positions + 1
-        checkpoint()
-        out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
+    with unembedding_inputs(lm) as seen:
+        out = run_model(lm, batch, use_cache=True)
+        if first_logits is not None:
+            first_logits(lm.logits(seen[-1][:, -1]))
+        positions = position_ids(batch.attention_mask)[:, -1:]
+        mask, tokens = batch.attention_mask, []
+        for _ in range(steps):
+            tokens.append(greedy_next(lm, seen[-1][:, -1]))
+            if len(tokens) == steps or (done is not None and done(torch.cat(tokens, dim=1))):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions + 1
+            checkpoint()
+            out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
     return torch.cat(tokens, dim=1)
 
 
@@ -403,18 +438,9 @@ def patched_last_logits(
 def final_hidden_states(lm: LoadedModel, batch: Encoded) -> torch.Tensor:
     """The unembedding's input (the final-normed residual stream) at every position of the rows' own tokens:
     (B, T, D). The unembedding itself runs on no position; `LoadedModel.logits` finishes the job."""
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args):
-        captured.append(args[0])
-        return (args[0][:, :0],)
-
-    handle = lm.unembed.register_forward_pre_hook(capture)
-    try:
+    with unembedding_inputs(lm) as seen:
         run_model(lm, batch, batch.input_ids.shape[1])
-    finally:
-        handle.remove()
-    return captured[0]
+    return seen[0]
 
 
 @torch.no_grad()

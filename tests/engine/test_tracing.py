@@ -3,11 +3,13 @@
 import torch
 
 from hoppatch.engine.tracing import (
+    GREEDY_VOCAB_SLICE,
     encode,
     encode_ids,
     final_hidden_states,
     forward,
     forward_at,
+    greedy_next,
     greedy_tokens,
     hidden_states_last,
     layer_input,
@@ -67,6 +69,27 @@ def test_greedy_tokens_with_the_cache_match_recomputing_whole_prompts(tiny):
             logits = forward(tiny, encode_ids(tiny, [ids], share_prefix=False))
             ids = [*ids, int(logits[0, -1].argmax())]
             assert ids[-1] == int(fast[row, step])
+
+
+def test_greedy_tokens_picked_slice_by_slice_are_the_argmax_of_the_whole_vocabulary(tiny, monkeypatch):
+    monkeypatch.setitem(GREEDY_VOCAB_SLICE, "cpu", 5)  # the tiny vocabulary in many slices, the last one short
+    weight = tiny.unembed.weight
+    assert tiny.vocab_size % 5 != 0
+    with torch.no_grad():
+        weight[9] = weight[2]  # two tokens in different slices tie: the first one wins, as with `argmax`
+        hidden = torch.cat([torch.randn(6, weight.shape[1]), 50 * weight[2:3]])
+    torch.testing.assert_close(greedy_next(tiny, hidden)[:, 0], tiny.logits(hidden).argmax(-1), atol=0, rtol=0)
+    assert int(greedy_next(tiny, hidden)[-1]) == 2
+    # decoding picks the same tokens as the whole vocabulary's argmax at every step
+    batch = encode(tiny, PROMPTS[:3])
+    ids = [tiny.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    for _ in range(3):
+        logits = forward(tiny, encode_ids(tiny, ids))[:, -1]
+        ids = [[*row, int(token)] for row, token in zip(ids, logits.argmax(-1))]
+    reference = torch.tensor([row[-3:] for row in ids])
+    first: list[torch.Tensor] = []
+    assert torch.equal(greedy_tokens(tiny, batch, steps=3, first_logits=first.append), reference)
+    torch.testing.assert_close(first[0], forward(tiny, batch)[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_logits_at_kept_positions_are_those_of_the_whole_forward(tiny):
