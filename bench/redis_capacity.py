@@ -36,6 +36,7 @@ from hoppatch.jobs import SUBMIT_SCRIPT, JobStatus, JobStore, now  # noqa: E402
 from hoppatch.routing import ANY_MODEL, SHARED_QUEUE  # noqa: E402
 from hoppatch.service.auth import ApiKey  # noqa: E402
 from hoppatch.service.jobs import CheckedModels, submit  # noqa: E402
+from hoppatch.service.rq_writes import RQJobWrites  # noqa: E402
 from hoppatch.settings import Settings  # noqa: E402
 from hoppatch.spec import JobSpec, read_examples  # noqa: E402
 
@@ -49,11 +50,12 @@ async def submit_all(settings: Settings, spec: JobSpec, jobs: int, clients: int)
     queues = {ANY_MODEL: Queue(SHARED_QUEUE, connection=store.redis, serializer=JSONSerializer)}
     key = ApiKey(id="key_bench", tenant="bench", created_at=now())
     models = CheckedModels(settings.model_roots)
+    rq_writes = RQJobWrites(settings.retention_seconds)
     remaining = iter(range(jobs))
 
     async def client() -> None:
         for _ in remaining:
-            await submit(store, admit, queues, models, key, spec, None, settings)
+            await submit(store, admit, queues, rq_writes, models, key, spec, None, settings)
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))

@@ -33,6 +33,7 @@ from .jobs import CheckedModels
 from .metrics import QUEUE_STATS, RequestMetrics
 from .openapi import complete_schemas
 from .problems import EXCEPTION_HANDLERS
+from .rq_writes import RQJobWrites
 from .trust import Trusted
 
 log = logging.getLogger("hoppatch.api")
@@ -84,7 +85,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "admit": aredis.register_script(SUBMIT_SCRIPT),
             "api_key_cache": Trusted(KEY_CACHE_SECONDS, KEY_CACHE_SIZE),  # digest → ApiKey, see service.auth
             "streams": OpenStreams(),
-            "services": Services(store, queues, artifacts, settings, CheckedModels(settings.model_roots)),
+            "services": Services(
+                store, queues, RQJobWrites(settings.retention_seconds), artifacts, settings, CheckedModels(settings.model_roots),
+            ),
         }
     )
     if not settings.auth:

@@ -1,4 +1,4 @@
-"""The one dependency the handlers take: what the app built at start (job store, queues, artifacts, settings).
+"""The one dependency the handlers take: what the app built at start (job store, queues, RQ's writes, artifacts, settings).
 
 One dependency rather than one per part: Litestar resolves several dependencies of a handler concurrently in
 a task group of their own, which on the submit path cost more than the handler's own work.
@@ -16,6 +16,7 @@ from hoppatch.jobs import JobStore
 from hoppatch.settings import Settings
 
 from .jobs import CheckedModels
+from .rq_writes import RQJobWrites
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Services:
     store: JobStore
     queues: dict[str, Queue]
     """RQ's queues by label (`Routes.queues`): the shared one, or one per served model."""
+    rq_writes: RQJobWrites
     artifacts: ArtifactStore
     settings: Settings
     models: CheckedModels

@@ -12,7 +12,7 @@ from redis.commands.core import AsyncScript
 from rq import Queue
 
 from hoppatch.jobs import (
-    NO_IDEMPOTENCY_KEY, TASK, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
+    NO_IDEMPOTENCY_KEY, JobRecord, JobStatus, JobStore, Limits, flatten_commands, idempotency_key,
     job_key, new_job_id, now, tenant_active_key, tenant_bucket_key,
 )
 from hoppatch.routing import Routes, rq_queue_key
@@ -21,6 +21,7 @@ from hoppatch.spec import JobSpec, ModelRefError, check_model_ref
 
 from .auth import ApiKey
 from .problems import IdempotencyConflict, JobNotFound, JobRejected, ModelNotAllowed, ModelNotServed, NotCancellable, TooManyRequests
+from .rq_writes import RQJobWrites
 from .trust import Trusted
 
 LOAD_ALLOWANCE_SECONDS = 600
@@ -96,8 +97,8 @@ def limits(settings: Settings) -> Limits:
 
 
 async def submit(
-    store: JobStore, admit: AsyncScript, queues: dict[str, Queue], models: CheckedModels, key: ApiKey, spec: JobSpec,
-    idempotency: str | None, settings: Settings,
+    store: JobStore, admit: AsyncScript, queues: dict[str, Queue], rq_writes: RQJobWrites, models: CheckedModels,
+    key: ApiKey, spec: JobSpec, idempotency: str | None, settings: Settings,
 ) -> tuple[JobRecord, bool]:
     """Create and enqueue a job; returns (job, created). Nothing is stored unless it is valid and admitted.
 
@@ -116,19 +117,13 @@ async def submit(
         id=job_id, tenant=tenant, status=JobStatus.QUEUED, model=spec.model, num_examples=len(spec.examples),
         budget=spec.budget, created_at=now(), metadata=dict(spec.metadata),
     )
-    # RQ builds its job's writes on a pipeline that is never executed; the script runs them.
-    staged = store.redis.pipeline()
-    queue.enqueue_call(
-        TASK, args=(job_id,), job_id=job_id, pipeline=staged,
-        timeout=int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS,
-        result_ttl=store.retention, failure_ttl=store.retention,
-    )
-    store.creation_commands(record, spec_json, staged)
+    timeout = int(spec.budget.max_seconds) + LOAD_ALLOWANCE_SECONDS
+    writes = [*rq_writes.commands(queue, job_id, timeout, record.created_at), *store.creation_commands(record, spec_json)]
     quota = limits(settings)
     claim = idempotency_key(tenant, idempotency) if idempotency else NO_IDEMPOTENCY_KEY
     keys = [claim, tenant_active_key(tenant), rq_queue_key(queue.name), tenant_bucket_key(tenant), job_key(job_id)]
     args = [f"{job_id} {digest}", quota.tenant_active, quota.queue_cap, quota.rate, quota.burst, IDEMPOTENCY_TTL, int(bool(idempotency))]
-    verdict, detail = await admit(keys=keys, args=[*args, *flatten_commands(staged)])
+    verdict, detail = await admit(keys=keys, args=[*args, *flatten_commands(writes)])
     match verdict.decode():
         case "created":
             return record, True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import redis
+from rq import get_current_job
 
 from hoppatch.artifacts import ArtifactStore
 from hoppatch.engine.errors import Cancelled, EngineError, InvalidJob
@@ -78,8 +79,10 @@ class Heartbeat:
         self._thread.join()
 
 
-def run_edit_job(job_id: str) -> str:
+def run_edit_job() -> str:
+    """Run the job whose id is RQ's job id (the task takes no arguments, see `service.rq_writes`)."""
     assert _worker is not None, "the worker calls configure() before it takes jobs"
+    job_id = get_current_job().id
     store = _worker.store
     record = store.get(job_id)
     if record is None or record.status is not JobStatus.QUEUED:

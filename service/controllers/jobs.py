@@ -81,7 +81,7 @@ class JobController(Controller):
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
         record, created = await jobs.submit(
-            services.store, request.app.state.admit, services.queues, services.models, request.auth, data, idempotency_key,
+            services.store, request.app.state.admit, services.queues, services.rq_writes, services.models, request.auth, data, idempotency_key,
             services.settings,
         )
         if created:

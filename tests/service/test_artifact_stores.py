@@ -50,7 +50,8 @@ def _succeeded_job(store: JobStore, artifacts, staging, tenant: str = "local") -
         budget=Budget(), created_at=datetime.now(UTC),
     )
     with store.redis.pipeline() as pipe:
-        store.creation_commands(record, b"{}", pipe)
+        for command in store.creation_commands(record, b"{}"):
+            pipe.execute_command(*command)
         pipe.execute()
     store.transition(record.id, JobStatus.RUNNING, {JobStatus.QUEUED})
     stored = artifacts.put(record.id, staging)

@@ -19,7 +19,8 @@ def _create(store: JobStore, tenant: str = "team-a") -> JobRecord:
         created_at=datetime.now(UTC), metadata={},
     )
     with store.redis.pipeline() as pipe:
-        store.creation_commands(record, b"{}", pipe)
+        for command in store.creation_commands(record, b"{}"):
+            pipe.execute_command(*command)
         pipe.execute()
     return record
 
