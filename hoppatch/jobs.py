@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from datetime import UTC, datetime
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
@@ -151,7 +150,7 @@ def now() -> datetime:
 
 
 def new_job_id() -> str:
-    return "job_" + uuid.uuid4().hex[:24]
+    return "job_" + os.urandom(12).hex()
 
 
 class Limits(Struct, frozen=True):

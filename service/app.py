@@ -28,7 +28,7 @@ from .auth import HEADER, KEY_CACHE_SECONDS, KEY_CACHE_SIZE, OPEN_PATHS, ApiKeyM
 from .controllers.artifacts import ArtifactController
 from .controllers.health import HealthController
 from .controllers.jobs import JobController, OpenStreams
-from .deps import Services
+from .deps import Services, services_dependency
 from .jobs import CheckedModels
 from .metrics import QUEUE_STATS, RequestMetrics
 from .openapi import complete_schemas
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     queues = {label: Queue(name, connection=client, serializer=JSONSerializer) for label, name in settings.routes.queues().items()}
     aredis = connect_async(settings.redis_url)
     artifacts = open_artifact_store(settings)
+    services = Services(store, queues, RQJobWrites(settings.retention_seconds), artifacts, settings, CheckedModels(settings.model_roots))
     state = State(
         {
             "redis": client,
@@ -85,9 +86,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "admit": aredis.register_script(SUBMIT_SCRIPT),
             "api_key_cache": Trusted(KEY_CACHE_SECONDS, KEY_CACHE_SIZE),  # digest → ApiKey, see service.auth
             "streams": OpenStreams(),
-            "services": Services(
-                store, queues, RQJobWrites(settings.retention_seconds), artifacts, settings, CheckedModels(settings.model_roots),
-            ),
         }
     )
     if not settings.auth:
@@ -132,6 +130,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         before_request=answer_options,
         route_handlers=[JobController, ArtifactController, HealthController, MetricsController],
         state=state,
+        dependencies={"services": services_dependency(services)},
         middleware=[RequestMetrics(), DefineMiddleware(auth, exclude=OPEN_PATHS)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,

@@ -1,4 +1,5 @@
-"""The one dependency the handlers take: what the app built at start (job store, queues, RQ's writes, artifacts, settings).
+"""The one dependency the handlers take: what the app built at start (store, queues, RQ's writes, artifacts,
+settings).
 
 One dependency rather than one per part: Litestar resolves several dependencies of a handler concurrently in
 a task group of their own, which on the submit path cost more than the handler's own work.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from litestar.datastructures import State
+from litestar.di import Provide
 from rq import Queue
 
 from hoppatch.artifacts import ArtifactStore
@@ -30,5 +31,10 @@ class Services:
     models: CheckedModels
 
 
-def provide_services(state: State) -> Services:
-    return state.services
+def services_dependency(services: Services) -> Provide:
+    """The handlers' `services`: a provider without parameters, so Litestar parses nothing to call it."""
+
+    def provide_services() -> Services:
+        return services
+
+    return Provide(provide_services, sync_to_thread=False)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from litestar import Controller, Request, Response, get
-from litestar.di import Provide
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Redirect, Stream
@@ -14,7 +13,7 @@ from litestar.response import Redirect, Stream
 from hoppatch.report_page import CONTENT_SECURITY_POLICY
 
 from .. import jobs
-from ..deps import Services, provide_services
+from ..deps import Services
 from ..problems import ArtifactNotFound
 from ..schemas import ArtifactList
 from .jobs import COMMON, problems
@@ -24,7 +23,6 @@ class ArtifactController(Controller):
     path = "/v1/jobs/{job_id:str}/artifacts"
     tags = ["artifacts"]
     security = [{"ApiKey": []}]
-    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
 
     @get("/", operation_id="ListArtifacts", sync_to_thread=True, responses=problems(*COMMON, 404))
     def list_artifacts(self, request: Request, services: Services, job_id: str) -> ArtifactList:

@@ -7,6 +7,7 @@ from litestar import Controller, Request, Response, get
 from litestar.openapi import ResponseSpec
 from rq import Worker
 
+from ..deps import Services
 from ..metrics import read_queues
 from ..schemas import Health, ModelQueue
 
@@ -20,13 +21,13 @@ class HealthController(Controller):
         return Health("ok")
 
     @get("/readyz", operation_id="Ready", sync_to_thread=True, responses={503: ResponseSpec(Health, description="Not ready")})
-    def readyz(self, request: Request) -> Response[Health]:
+    def readyz(self, request: Request, services: Services) -> Response[Health]:
         """Redis answers and at least one worker is alive (503 otherwise); queue depth and live workers per
         served model."""
         state = request.app.state
         try:
             state.redis.ping()
-            queues = read_queues(state.services.queues)
+            queues = read_queues(services.queues)
         except redis.RedisError:
             return Response(Health("unavailable", redis=False, workers=0), status_code=503)
         models = {label: ModelQueue(queued, workers) for label, (queued, workers) in queues.items()}

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.di import Provide
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
@@ -20,7 +19,7 @@ from hoppatch.spec import JobSpec
 
 from .. import jobs
 from ..metrics import JOBS_SUBMITTED, model_label
-from ..deps import Services, provide_services
+from ..deps import Services
 from ..problems import PROBLEM_JSON, ArtifactNotFound, NoMetrics, TooManyRequests
 from ..schemas import Event, EventList, Job, JobPage, Problem
 
@@ -69,7 +68,6 @@ class JobController(Controller):
     path = "/v1/jobs"
     tags = ["jobs"]
     security = [{"ApiKey": []}]
-    dependencies = {"services": Provide(provide_services, sync_to_thread=False)}
 
     @post("/", operation_id="CreateJob", status_code=202, responses=problems(*COMMON, 403, 404, 413, 422, 429))
     async def create_job(

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from litestar.testing import TestClient
 
-from hoppatch.artifacts import LocalArtifactStore, S3ArtifactStore, sweep_artifacts
+from hoppatch.artifacts import LocalArtifactStore, S3ArtifactStore, open_artifact_store, sweep_artifacts
 from hoppatch.jobs import JobRecord, JobResult, JobStatus, JobStore, new_job_id
 from hoppatch.service.app import create_app
 from hoppatch.settings import Settings
@@ -107,7 +107,7 @@ def test_the_api_serves_artifacts_from_either_store(storage, redis_url, redis_cl
         )
     app = create_app(settings)
     # before the app starts: its reaper would fail a queued record with no RQ job, or a running one with no heartbeat
-    job = _succeeded_job(JobStore(redis_client), app.state.services.artifacts, _staging(tmp_path))
+    job = _succeeded_job(JobStore(redis_client), open_artifact_store(settings), _staging(tmp_path))
     with TestClient(app=app) as client:
         base = f"/v1/jobs/{job.id}/artifacts"
         sha = hashlib.sha256(PAYLOAD).hexdigest()

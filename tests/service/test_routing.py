@@ -58,7 +58,7 @@ def test_cancel_takes_a_queued_job_out_of_its_models_queue(routed, key, redis_cl
     assert redis_client.llen(rq_queue_key(model_queue(SMOL))) == 0
 
 
-def test_readyz_and_metrics_report_each_served_model(routed, key, redis_client):
+def test_readyz_and_metrics_report_each_served_model(routed, settings, key, redis_client):
     routed.post("/v1/jobs", json=job_body(model=SMOL), headers={"X-API-Key": key})
     worker = Worker([Queue(model_queue(GEMMA), connection=redis_client)], connection=redis_client, name="routing-test")
     worker.register_birth()
@@ -66,7 +66,8 @@ def test_readyz_and_metrics_report_each_served_model(routed, key, redis_client):
         ready = routed.get("/readyz")
         assert ready.status_code == 200 and ready.json()["workers"] == 1
         assert ready.json()["models"] == {GEMMA: {"queued": 0, "workers": 1}, SMOL: {"queued": 1, "workers": 0}}
-        QUEUE_STATS.refresh(JobStore(redis_client), routed.app.state.services.queues)
+        queues = {label: Queue(name, connection=redis_client) for label, name in _served(settings).routes.queues().items()}
+        QUEUE_STATS.refresh(JobStore(redis_client), queues)
         page = routed.get("/metrics").text  # refreshed above: the app's maintenance loop does it every few seconds
         assert f'hoppatch_queue_depth{{model="{SMOL}"}} 1.0' in page
         assert f'hoppatch_workers_live{{model="{GEMMA}"}} 1.0' in page and f'hoppatch_workers_live{{model="{SMOL}"}} 0.0' in page
