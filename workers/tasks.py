@@ -79,10 +79,12 @@ class Heartbeat:
         self._thread.join()
 
 
-def run_edit_job() -> str:
-    """Run the job whose id is RQ's job id (the task takes no arguments, see `service.rq_writes`)."""
+def run_edit_job(job_id: str | None = None) -> str:
+    """Run the job whose id is RQ's job id. The API enqueues it without arguments (see `service.rq_writes`);
+    `job_id` is given by jobs that an earlier release queued with their id as an argument, so a queue
+    that waits through an upgrade still runs."""
     assert _worker is not None, "the worker calls configure() before it takes jobs"
-    job_id = get_current_job().id
+    job_id = job_id or get_current_job().id
     store = _worker.store
     record = store.get(job_id)
     if record is None or record.status is not JobStatus.QUEUED:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from rq import Queue
+from rq import Queue, SimpleWorker
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 
-from hoppatch.jobs import TASK
+from hoppatch.artifacts import LocalArtifactStore
+from hoppatch.jobs import TASK, JobRecord, JobStatus, JobStore, new_job_id
 from hoppatch.service.rq_writes import TIME_FIELDS, RQJobWrites
+from hoppatch.spec import Budget
+from hoppatch.workers import tasks
+from hoppatch.workers.model_cache import ModelCache
 
 RETENTION = 3600
 
@@ -54,3 +58,32 @@ def test_a_filled_job_is_one_rq_reads_back_with_its_own_id_timeout_and_time(redi
         assert (job.id, job.func_name, list(job.args), job.origin) == (job_id, TASK, [], "team-queue")
         assert job.created_at == job.enqueued_at == created and job.get_status() == "queued"
         assert job.result_ttl == RETENTION and job.failure_ttl == RETENTION
+
+
+def test_the_task_finds_its_record_by_rq_job_id_or_by_an_earlier_release_argument(redis_client, tmp_path, monkeypatch):
+    store = JobStore(redis_client, retention_seconds=RETENTION)
+    context = tasks.WorkerContext(store, LocalArtifactStore(tmp_path), ModelCache(), 30.0, "test-worker", 0)
+    monkeypatch.setattr(tasks, "_worker", context)  # what `configure` sets in a worker process
+    queue = Queue("team-queue", connection=redis_client, serializer=JSONSerializer)
+    writes, ids = RQJobWrites(RETENTION), []
+    for argument in (False, True):
+        record = JobRecord(
+            id=new_job_id(), tenant="team-a", status=JobStatus.QUEUED, model="m", num_examples=1, budget=Budget(),
+            created_at=datetime.now(UTC),
+        )
+        with redis_client.pipeline() as pipe:
+            for command in store.creation_commands(record, b"{}"):
+                pipe.execute_command(*command)
+            pipe.execute()
+        store.transition(record.id, JobStatus.CANCELLED, {JobStatus.QUEUED})  # the task returns its status at once
+        if argument:
+            queue.enqueue_call(TASK, args=(record.id,), job_id=record.id)
+        else:
+            with redis_client.pipeline() as pipe:
+                for command in writes.commands(queue, record.id, 60, record.created_at):
+                    pipe.execute_command(*command)
+                pipe.execute()
+        ids.append(record.id)
+    SimpleWorker([queue], connection=redis_client, serializer=JSONSerializer).work(burst=True)
+    returned = [Job.fetch(j, connection=redis_client, serializer=JSONSerializer).return_value() for j in ids]
+    assert returned == ["cancelled", "cancelled"]
