@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
-from hoppatch.jobs import TURN_PREFIX
+from hoppatch.jobs import TURN_PREFIX, JobRecord, JobStore
 from hoppatch.settings import Settings
 from hoppatch.spec import read_examples
 from hoppatch.service.app import create_app
@@ -15,6 +15,15 @@ EXAMPLES_FILE = Path(__file__).resolve().parents[2] / "examples" / "gemma-3-270m
 
 def shipped_examples() -> list[dict]:
     return msgspec.to_builtins(read_examples(EXAMPLES_FILE))
+
+
+def write_record(store: JobStore, record: JobRecord) -> JobRecord:
+    """A job's record written as a submission writes it, without RQ's job or the admission checks."""
+    with store.redis.pipeline() as pipe:
+        for command in store.creation_commands(record, b"{}"):
+            pipe.execute_command(*command)
+        pipe.execute()
+    return record
 
 
 def stored_keys(redis_client) -> set[bytes]:

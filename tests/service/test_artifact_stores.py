@@ -18,6 +18,8 @@ from hoppatch.spec import Budget
 
 from bench.harness import S3_BUCKET
 
+from .conftest import write_record
+
 PAYLOAD = bytes(range(256)) * 8192  # 2 MiB: more than one chunk
 
 
@@ -49,10 +51,7 @@ def _succeeded_job(store: JobStore, artifacts, staging, tenant: str = "local") -
         id=new_job_id(), tenant=tenant, status=JobStatus.QUEUED, model="builtin:gemma-3-270m", num_examples=1,
         budget=Budget(), created_at=datetime.now(UTC),
     )
-    with store.redis.pipeline() as pipe:
-        for command in store.creation_commands(record, b"{}"):
-            pipe.execute_command(*command)
-        pipe.execute()
+    write_record(store, record)
     store.transition(record.id, JobStatus.RUNNING, {JobStatus.QUEUED})
     stored = artifacts.put(record.id, staging)
     return store.transition(record.id, JobStatus.SUCCEEDED, {JobStatus.RUNNING}, result=JobResult(stored, {}))

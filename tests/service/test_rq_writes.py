@@ -16,6 +16,8 @@ from hoppatch.spec import Budget
 from hoppatch.workers import tasks
 from hoppatch.workers.model_cache import ModelCache
 
+from .conftest import write_record
+
 RETENTION = 3600
 
 
@@ -71,10 +73,7 @@ def test_the_task_finds_its_record_by_rq_job_id_or_by_an_earlier_release_argumen
             id=new_job_id(), tenant="team-a", status=JobStatus.QUEUED, model="m", num_examples=1, budget=Budget(),
             created_at=datetime.now(UTC),
         )
-        with redis_client.pipeline() as pipe:
-            for command in store.creation_commands(record, b"{}"):
-                pipe.execute_command(*command)
-            pipe.execute()
+        write_record(store, record)
         store.transition(record.id, JobStatus.CANCELLED, {JobStatus.QUEUED})  # the task returns its status at once
         if argument:
             queue.enqueue_call(TASK, args=(record.id,), job_id=record.id)

@@ -12,17 +12,15 @@ from hoppatch.jobs import TURN_PREFIX, JobError, JobRecord, JobStatus, JobStore,
 from hoppatch.spec import Budget
 from hoppatch.workers.model_cache import ModelCache
 
+from .conftest import write_record
+
 
 def _create(store: JobStore, tenant: str = "team-a") -> JobRecord:
     record = JobRecord(
         id=new_job_id(), tenant=tenant, status=JobStatus.QUEUED, model="m", num_examples=1, budget=Budget(),
         created_at=datetime.now(UTC), metadata={},
     )
-    with store.redis.pipeline() as pipe:
-        for command in store.creation_commands(record, b"{}"):
-            pipe.execute_command(*command)
-        pipe.execute()
-    return record
+    return write_record(store, record)
 
 
 def test_terminal_states_never_change_and_every_transition_is_an_event(redis_client):
