@@ -165,10 +165,11 @@ class FluencyReading:
     logprobs: torch.Tensor  # (T, k + 1)
 
 
-FLUENCY_VOCAB_SLICE = 16384
-"""Tokens of the vocabulary unembedded at a time when reading the fluency text. Every position against one
-slice keeps the CPU's matrix product near its full speed, where chunks of positions against the whole
-vocabulary ran it about 40 % slower, and no (positions × vocabulary) tensor is ever whole."""
+FLUENCY_POSITION_BLOCK = 512
+FLUENCY_VOCAB_SLICE = 4096
+"""The fluency text is unembedded in tiles of this many positions by this many tokens of the vocabulary: a
+tile's logits (8 MB) are still in the CPU's cache when the softmax's reductions read them, and no (positions ×
+vocabulary) tensor is ever whole."""
 
 
 @torch.no_grad()
@@ -181,30 +182,43 @@ def read_fluency(lm: LoadedModel, base: FluencyReading | None = None, resume: tu
     batch = encode(lm, [fluency_text()])
     with resumed_at(lm, *resume) if resume else nullcontext():
         hidden = final_hidden_states(lm, batch)[0, :-1]  # (T-1, D): predicts ids[1:]
-    positions = hidden.shape[0]
     targets = batch.input_ids[0, 1:, None].to(hidden.device)
+    blocks = [
+        _unembed_block(lm, hidden[at : at + FLUENCY_POSITION_BLOCK], targets[at : at + FLUENCY_POSITION_BLOCK],
+                       None if base is None else base.top_ids[at : at + FLUENCY_POSITION_BLOCK].to(hidden.device))
+        for at in range(0, hidden.shape[0], FLUENCY_POSITION_BLOCK)
+    ]
+    lse, target_logits, top_logits, top_ids = (torch.cat(parts) for parts in zip(*blocks))
+    nll = float((lse[:, None] - target_logits).sum())
+    chosen = top_logits - lse[:, None]
+    rest = torch.log1p(-chosen.exp().sum(-1).clamp(max=1 - 1e-6))
+    return FluencyReading(math.exp(nll / hidden.shape[0]), top_ids.cpu(), torch.cat([chosen, rest[:, None]], -1).cpu())
+
+
+def _unembed_block(
+    lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor, top_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of positions against the vocabulary, slice by slice: each position's log-sum-exp, its
+    target's logit, and the logits of `top_ids` (or of its own top `FLUENCY_TOP_TOKENS`, with their ids)."""
+    positions = hidden.shape[0]
     lse = torch.full((positions,), float("-inf"), device=hidden.device)
     target_logits = torch.zeros(positions, 1, device=hidden.device)
-    if base is None:
+    if top_ids is None:
         top_logits = torch.full((positions, FLUENCY_TOP_TOKENS), float("-inf"), device=hidden.device)
-        top_ids = torch.zeros(positions, FLUENCY_TOP_TOKENS, dtype=torch.long, device=hidden.device)
+        ids = torch.zeros(positions, FLUENCY_TOP_TOKENS, dtype=torch.long, device=hidden.device)
     else:
-        top_logits = torch.zeros(positions, base.top_ids.shape[1], device=hidden.device)
-        top_ids = base.top_ids.to(hidden.device)
+        top_logits, ids = torch.zeros(top_ids.shape, device=hidden.device), top_ids
     for start in range(0, lm.vocab_size, FLUENCY_VOCAB_SLICE):
         logits = lm.logits(hidden, slice(start, start + FLUENCY_VOCAB_SLICE)).float()
         lse = torch.logaddexp(lse, torch.logsumexp(logits, -1))
         _take_logits(logits, start, targets, target_logits)
-        if base is None:
-            values, ids = logits.topk(min(FLUENCY_TOP_TOKENS, logits.shape[1]), -1)
+        if top_ids is None:
+            values, found = logits.topk(min(FLUENCY_TOP_TOKENS, logits.shape[1]), -1)
             top_logits, order = torch.cat([top_logits, values], -1).topk(FLUENCY_TOP_TOKENS, -1)
-            top_ids = torch.cat([top_ids, ids + start], -1).gather(1, order)
+            ids = torch.cat([ids, found + start], -1).gather(1, order)
         else:
-            _take_logits(logits, start, top_ids, top_logits)
-    nll = float((lse[:, None] - target_logits).sum())
-    chosen = top_logits - lse[:, None]
-    rest = torch.log1p(-chosen.exp().sum(-1).clamp(max=1 - 1e-6))
-    return FluencyReading(math.exp(nll / positions), top_ids.cpu(), torch.cat([chosen, rest[:, None]], -1).cpu())
+            _take_logits(logits, start, ids, top_logits)
+    return lse, target_logits, top_logits, ids
 
 
 def _take_logits(logits: torch.Tensor, start: int, ids: torch.Tensor, into: torch.Tensor) -> None:

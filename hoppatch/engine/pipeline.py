@@ -347,7 +347,7 @@ def prepare_edit(
     return EditInputs(preserved, counterfactual_keys, gradients)
 
 
-FLUENCY_READING_FORMAT = "fluency-reading/2"
+FLUENCY_READING_FORMAT = "fluency-reading/3"
 """Version of the stored base fluency reading; a changed definition never reuses a stored one."""
 
 

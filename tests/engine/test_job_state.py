@@ -221,17 +221,18 @@ def test_the_base_fluency_reading_is_stored_on_disk_keyed_by_every_weight(tmp_pa
     assert changed.perplexity != first.perplexity
 
 
-def test_the_fluency_reading_unembedded_in_vocabulary_slices_is_the_whole_softmax(monkeypatch):
+def test_the_fluency_reading_unembedded_in_tiles_is_the_whole_softmax(monkeypatch):
     """Perplexity, top tokens and their log-probabilities as one log-softmax over the whole vocabulary gives
-    them, with the vocabulary read in several slices (a slice size that does not divide it)."""
+    them, with the positions and the vocabulary read in several blocks (sizes that divide neither)."""
     from hoppatch.engine import evaluate
     from hoppatch.engine.tiny_models import tiny_model
     from hoppatch.engine.tracing import encode, final_hidden_states
 
     tiny = tiny_model("llama")
     monkeypatch.setattr(evaluate, "FLUENCY_VOCAB_SLICE", tiny.vocab_size // 3 + 7)
-    reading = evaluate.read_fluency(tiny)
     batch = encode(tiny, [evaluate.fluency_text()])
+    monkeypatch.setattr(evaluate, "FLUENCY_POSITION_BLOCK", batch.input_ids.shape[1] // 3 + 5)
+    reading = evaluate.read_fluency(tiny)
     with torch.no_grad():
         logprobs = torch.log_softmax(tiny.logits(final_hidden_states(tiny, batch)[0, :-1]).double(), -1)
     targets = batch.input_ids[0, 1:, None]
