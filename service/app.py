@@ -76,7 +76,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     queues = {label: Queue(name, connection=client, serializer=JSONSerializer) for label, name in settings.routes.queues().items()}
     aredis = connect_async(settings.redis_url)
     artifacts = open_artifact_store(settings)
-    services = Services(store, queues, RQJobWrites(settings.retention_seconds), artifacts, settings, CheckedModels(settings.model_roots))
+    services = Services(
+        store, queues, RQJobWrites(settings.retention_seconds), artifacts, settings, CheckedModels(settings.model_roots),
+    )
     state = State(
         {
             "redis": client,

@@ -79,8 +79,8 @@ class JobController(Controller):
     ) -> Response[Job]:
         """Queue a patch job; 202 with the job and its Location."""
         record, created = await jobs.submit(
-            services.store, request.app.state.admit, services.queues, services.rq_writes, services.models, request.auth, data, idempotency_key,
-            services.settings,
+            services.store, request.app.state.admit, services.queues, services.rq_writes, services.models, request.auth,
+            data, idempotency_key, services.settings,
         )
         if created:
             JOBS_SUBMITTED.labels(model_label(record.model)).inc()
