@@ -229,18 +229,21 @@ def greedy_tokens(
     """
     with unembedding_inputs(lm) as seen:
         out = run_model(lm, batch, use_cache=True)
-        if first_logits is not None:
-            first_logits(lm.logits(seen[-1][:, -1]))
         positions = position_ids(batch.attention_mask)[:, -1:]
         mask, tokens = batch.attention_mask, []
-        for _ in range(steps):
+        if first_logits is not None:  # the whole first step is unembedded anyway: its argmax is the first token
+            logits = lm.logits(seen[-1][:, -1])
+            first_logits(logits)
+            tokens.append(logits.argmax(-1, keepdim=True))
+        while len(tokens) < steps:
+            if tokens:
+                if done is not None and done(torch.cat(tokens, dim=1)):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                positions = positions + 1
+                checkpoint()
+                out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
             tokens.append(greedy_next(lm, seen[-1][:, -1]))
-            if len(tokens) == steps or (done is not None and done(torch.cat(tokens, dim=1))):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions + 1
-            checkpoint()
-            out = lm.model(input_ids=tokens[-1], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True, logits_to_keep=1)
     return torch.cat(tokens, dim=1)
 
 
