@@ -143,6 +143,13 @@ STATUS_COUNTS_KEY = f"{PREFIX}:status_counts"
 RQ_JOB_PREFIX = "rq:job:"
 TURN_PREFIX = f"{PREFIX}:turn:"
 """Keys of the service-wide duties' turns (`JobStore.claim_turn`); they expire within a window."""
+ORPHAN_CURSOR_KEY = f"{PREFIX}:orphan_scan_cursor"
+"""Where the reaper's scan of the active jobs goes on from (an SSCAN cursor; 0: from the start)."""
+ORPHAN_CURSOR_TTL = 3600
+ORPHAN_SCAN_LIMIT = 2000
+"""Active jobs whose RQ status one reaper turn reads: a turn's cost stays bounded when the queue holds
+thousands, and a queued job lost by RQ (rare) is still found within a few turns."""
+ORPHAN_SCAN_BATCH = 500
 
 
 def now() -> datetime:
@@ -354,9 +361,10 @@ class JobStore:
         ends just before its next ask); [] when another process has the turn."""
         return self.reap_lost() if self.claim_turn("reap", interval * 0.9) else []
 
-    def reap_lost(self) -> list[str]:
+    def reap_lost(self, scan_limit: int = ORPHAN_SCAN_LIMIT) -> list[str]:
         """Fail the jobs nobody will finish: started ones whose worker stopped heartbeating (it died), and
-        queued ones whose RQ job is gone or ended without starting ours. Code `worker_lost` for both."""
+        queued ones whose RQ job is gone or ended without starting ours (about `scan_limit` of the active jobs
+        are checked for that a call). Code `worker_lost` for both."""
         lost = []
         for raw_id in self.redis.smembers(RUNNING_KEY):
             job_id = raw_id.decode()
@@ -367,34 +375,48 @@ class JobStore:
                 lost.append(job_id)
             else:
                 self.redis.srem(RUNNING_KEY, job_id)
-        for job_id in self._orphaned_queued():
+        for job_id in self._orphaned_queued(scan_limit):
             error = JobError("worker_lost", "the queue lost this job before a worker started it; submit it again")
             if self.transition(job_id, JobStatus.FAILED, {JobStatus.QUEUED}, error=error, finished_at=now()):
                 lost.append(job_id)
         JOBS_REAPED.inc(len(lost))
         return lost
 
-    def _orphaned_queued(self) -> list[str]:
+    def _orphaned_queued(self, limit: int) -> list[str]:
         """Queued records whose RQ job no longer exists or has ended: no worker will ever pick them up.
 
-        RQ's status is read for every active job, the record only where that status says the job is gone or
-        over: a full queue is thousands of active jobs every few seconds, nearly all of them waiting."""
-        ids = [i.decode() for i in self.redis.smembers(ACTIVE_KEY)]
+        Each call reads RQ's status of about `limit` active jobs, going on where the last call (in any process)
+        stopped, so a turn costs the same however long the queue is; a full queue is read over several turns.
+        The record is read only where RQ's status says the job is gone or over."""
+        cursor = int(self.redis.get(ORPHAN_CURSOR_KEY) or 0)
+        orphans: list[str] = []
+        examined = 0
+        while True:
+            cursor, raw_ids = self.redis.sscan(ACTIVE_KEY, cursor, count=ORPHAN_SCAN_BATCH)
+            orphans += self._orphans_among([i.decode() for i in raw_ids])
+            examined += len(raw_ids)
+            if cursor == 0 or examined >= limit:
+                break
+        if cursor:
+            self.redis.set(ORPHAN_CURSOR_KEY, cursor, ex=ORPHAN_CURSOR_TTL)
+        else:
+            self.redis.delete(ORPHAN_CURSOR_KEY)
+        return orphans
+
+    def _orphans_among(self, job_ids: list[str]) -> list[str]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(RQ_JOB_PREFIX + job_id, "status")
+            suspects = [job_id for job_id, rq_status in zip(job_ids, pipe.execute()) if rq_status is None or rq_status in _RQ_ENDED]
+        if not suspects:
+            return []
         orphans = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            with self.redis.pipeline(transaction=False) as pipe:
-                for job_id in chunk:
-                    pipe.hget(RQ_JOB_PREFIX + job_id, "status")
-                suspects = [job_id for job_id, rq_status in zip(chunk, pipe.execute()) if rq_status is None or rq_status in _RQ_ENDED]
-            if not suspects:
-                continue
-            for job_id, raw in zip(suspects, self.redis.mget([job_key(job_id) for job_id in suspects])):
-                record = self.parse(raw)
-                if record is None:
-                    self.redis.srem(ACTIVE_KEY, job_id)
-                elif record.status is JobStatus.QUEUED:
-                    orphans.append(job_id)
+        for job_id, raw in zip(suspects, self.redis.mget([job_key(job_id) for job_id in suspects])):
+            record = self.parse(raw)
+            if record is None:
+                self.redis.srem(ACTIVE_KEY, job_id)
+            elif record.status is JobStatus.QUEUED:
+                orphans.append(job_id)
         return orphans
 
     def existing(self, job_ids: list[str]) -> list[bool]:

@@ -8,7 +8,7 @@ import redis
 
 from hoppatch.engine.errors import ModelNotFound
 from hoppatch.engine.tiny_models import tiny_model
-from hoppatch.jobs import TURN_PREFIX, JobError, JobRecord, JobStatus, JobStore, new_job_id
+from hoppatch.jobs import ACTIVE_KEY, ORPHAN_CURSOR_KEY, TURN_PREFIX, JobError, JobRecord, JobStatus, JobStore, new_job_id
 from hoppatch.spec import Budget
 from hoppatch.workers.model_cache import ModelCache
 
@@ -74,6 +74,25 @@ def test_a_queued_job_whose_queue_entry_is_gone_or_ended_is_reaped(redis_client)
     assert store.get(vanished.id).error.code == "worker_lost"
     assert store.get(waiting.id).status is JobStatus.QUEUED
     assert redis_client.scard("hoppatch:tenant:team-a:active") == 1
+
+
+def test_a_long_queue_is_checked_for_lost_jobs_a_part_at_a_time_until_all_of_it_is(redis_client):
+    store = JobStore(redis_client)
+    waiting = [f"job_waiting_{i}" for i in range(1000)]  # RQ holds them; their records are never read
+    redis_client.sadd(ACTIVE_KEY, *waiting)
+    with redis_client.pipeline() as pipe:
+        for job_id in waiting:
+            pipe.hset(f"rq:job:{job_id}", "status", "queued")
+        pipe.execute()
+    vanished = _create(store)
+    reaped, turns = [], 0
+    while not reaped and turns < 10:
+        reaped = store.reap_lost(scan_limit=300)
+        turns += 1
+        if turns == 1:
+            assert int(redis_client.get(ORPHAN_CURSOR_KEY)) != 0  # the first turn read part of the queue only
+    assert reaped == [vanished.id] and turns <= 5
+    assert redis_client.scard(ACTIVE_KEY) == 1000  # the waiting jobs stay; the lost one has ended
 
 
 def test_jobs_are_listed_per_tenant_newest_first(redis_client):
