@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000, help="without wrk: requests per measurement")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10, help="wrk duration per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="turns of the bare stack and the 1-process API")
+    parser.add_argument("--rounds", type=int, default=5, help="turns of the bare stack and the 1-process API")
     parser.add_argument("--json", default="bench/results/service.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hoppatch-bench-"))
