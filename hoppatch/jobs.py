@@ -146,10 +146,12 @@ TURN_PREFIX = f"{PREFIX}:turn:"
 ORPHAN_CURSOR_KEY = f"{PREFIX}:orphan_scan_cursor"
 """Where the reaper's scan of the active jobs goes on from (an SSCAN cursor; 0: from the start)."""
 ORPHAN_CURSOR_TTL = 3600
+"""A cursor left by a service that stopped expires, and the next scan starts from the beginning."""
 ORPHAN_SCAN_LIMIT = 2000
 """Active jobs whose RQ status one reaper turn reads: a turn's cost stays bounded when the queue holds
 thousands, and a queued job lost by RQ (rare) is still found within a few turns."""
 ORPHAN_SCAN_BATCH = 500
+"""SSCAN's COUNT hint: about this many ids a round trip, their statuses read in one pipeline."""
 
 
 def now() -> datetime:
