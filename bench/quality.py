@@ -169,14 +169,14 @@ def print_table(split: str, rows: list[Row]) -> None:
 
 
 def parse_config(items: list[str]) -> tuple[EditConfig, Budget, tuple[int, ...]]:
-    """EditConfig overrides (FIELD=VALUE, a tuple as comma-separated numbers), `max_layers=N` and
-    `max_rank=N` for the budget, and `layers=A,B,...` for a fixed band."""
+    """EditConfig overrides (FIELD=VALUE, a tuple as comma-separated numbers), budget fields (`max_layers=N`,
+    `max_rank=N`, `max_relative_norm=X`), and `layers=A,B,...` for a fixed band."""
     config, budget, layers = EditConfig(), Budget(), ()
     types = {f.name: f.type for f in fields(EditConfig)}
     for item in items:
         name, _, value = item.partition("=")
-        if name in ("max_layers", "max_rank"):  # budget fields
-            budget = msgspec.structs.replace(budget, **{name: int(value)})
+        if name in Budget.__struct_fields__:
+            budget = msgspec.convert({**msgspec.to_builtins(budget), name: float(value)}, Budget, strict=False)
             continue
         if name == "layers":  # a fixed band instead of the located one
             layers = tuple(int(v) for v in value.split(","))
@@ -197,7 +197,7 @@ def main() -> None:
                         "rounds: one job solved in rounds of 10, each on top of the ones before")
     parser.add_argument("--authors", action="store_true", help="also run the authors' recipe")
     parser.add_argument("--no-engine", action="store_true")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an EditConfig override, or max_layers=N, max_rank=N")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="an EditConfig override, or a budget field (max_layers=N, max_rank=N, max_relative_norm=X)")
     parser.add_argument(
         "--try", dest="tries", action="append", default=[], metavar="'FIELD=VALUE ...'",
         help="another config to run in the same process (warm readings shared); repeatable",
