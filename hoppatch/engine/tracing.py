@@ -417,7 +417,16 @@ def attn_out_gradients(lm: LoadedModel, prompts: Sequence[str], targets: Sequenc
 def patched_last_logits(
     lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
-    """Last-token logits (B, V) with the projection output of some rows overwritten.
+    """Last-token logits (B, V) with the projection output of some rows overwritten (see `patched_last_states`)."""
+    return lm.logits(patched_last_states(lm, prompts, patches)).float()
+
+
+@torch.no_grad()
+def patched_last_states(
+    lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """The unembedding's input at the last token (B, D), with the projection output of some rows overwritten;
+    nothing is unembedded, so the caller can unembed many such passes' rows in one product.
 
     `patches[layer] = (rows, values)`: at `layer`, rows `rows` (R,) get `values` (R, D_out) at the last token.
     """
@@ -433,8 +442,9 @@ def patched_last_logits(
         return hook
 
     batch = encode(lm, prompts)
-    with projection_hooks(lm, list(patches), hook_for):
-        return forward(lm, batch)[:, -1].float()
+    with projection_hooks(lm, list(patches), hook_for), unembedding_inputs(lm) as seen:
+        run_model(lm, batch, 1)
+    return seen[0][:, -1]
 
 
 @torch.no_grad()

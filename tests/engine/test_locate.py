@@ -2,6 +2,7 @@
 
 import torch
 
+from hoppatch.engine import lens, locate
 from hoppatch.engine.locate import band_windows, guide_outputs, locate_layers
 from hoppatch.engine.tiny_models import SPECIALS
 from hoppatch.engine.tracing import patched_last_logits
@@ -48,3 +49,28 @@ def test_logit_lens_has_one_point_per_residual_state(tiny):
     [curve] = logit_lens(tiny, [QUERY], ["Poe"], ["France"])
     assert len(curve.answer_prob) == tiny.num_layers + 1
     assert all(0.0 <= p <= 1.0 for p in curve.bridge_prob) and all(r >= 0 for r in curve.answer_rank)
+
+
+OTHER_QUERY = "The capital of the country of citizenship of the creator of C. Auguste Dupin is"
+OTHER_GUIDE = "The capital of the United States is"
+
+
+def test_rows_unembedded_together_read_as_each_example_alone(tiny, monkeypatch):
+    monkeypatch.setattr(locate, "LOGPROB_ROWS", 7)  # blocks that split an example's rows across products
+    together = locate_layers(tiny, [QUERY, OTHER_QUERY], [GUIDE, OTHER_GUIDE], ["France", "Paris"], max_layers=2)
+    alone = []
+    for query, guide, answer in ((QUERY, GUIDE, "France"), (OTHER_QUERY, OTHER_GUIDE, "Paris")):
+        tiny.warm.locate_rows.clear()  # read anew, not from the joint call's rows
+        alone.append(locate_layers(tiny, [query], [guide], [answer], max_layers=2).effects[0])
+    assert torch.allclose(torch.tensor(together.effects), torch.tensor(alone), atol=1e-5)
+
+
+def test_logit_lens_in_blocks_reads_as_one_prompt_at_a_time(tiny, monkeypatch):
+    prompts, bridges, answers = [QUERY, OTHER_QUERY, GUIDE], ["Poe", "Poe", "Edgar"], ["France", "Paris", "United"]
+    whole = logit_lens(tiny, prompts, bridges, answers)
+    monkeypatch.setattr(lens, "LENS_ROWS", 1)  # one prompt's states per product
+    single = logit_lens(tiny, prompts, bridges, answers)
+    for a, b in zip(whole, single):
+        assert a.bridge_rank == b.bridge_rank and a.answer_rank == b.answer_rank
+        assert torch.allclose(torch.tensor(a.answer_prob), torch.tensor(b.answer_prob), atol=1e-6)
+        assert torch.allclose(torch.tensor(a.bridge_prob), torch.tensor(b.bridge_prob), atol=1e-6)
