@@ -414,14 +414,6 @@ def attn_out_gradients(lm: LoadedModel, prompts: Sequence[str], targets: Sequenc
 
 
 @torch.no_grad()
-def patched_last_logits(
-    lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
-) -> torch.Tensor:
-    """Last-token logits (B, V) with the projection output of some rows overwritten (see `patched_last_states`)."""
-    return lm.logits(patched_last_states(lm, prompts, patches)).float()
-
-
-@torch.no_grad()
 def patched_last_states(
     lm: LoadedModel, prompts: Sequence[str], patches: dict[int, tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:

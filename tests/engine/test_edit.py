@@ -17,7 +17,7 @@ from hoppatch.engine.edit import (
     low_rank_norm,
     solve_update,
 )
-from hoppatch.engine.tracing import attn_out_gradients, encode, forward, patched_last_logits, record_attn_inputs, record_attn_out
+from hoppatch.engine.tracing import attn_out_gradients, encode, forward, patched_last_states, record_attn_inputs, record_attn_out
 
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
 GUIDE = "The nationality of Edgar Allan Poe is"
@@ -192,7 +192,7 @@ def test_attn_out_gradients_match_finite_differences(tiny):
         rows = torch.arange(len(prompts))
 
         def shifted(eps: float) -> torch.Tensor:
-            logits = patched_last_logits(tiny, prompts, {layer: (rows, outputs + eps * direction)})
+            logits = tiny.logits(patched_last_states(tiny, prompts, {layer: (rows, outputs + eps * direction)})).float()
             return torch.log_softmax(logits.double(), -1)[rows, torch.tensor(targets)]
 
         numeric = (shifted(1e-3) - shifted(-1e-3)) / 2e-3

@@ -5,7 +5,7 @@ import torch
 from hoppatch.engine import lens, locate
 from hoppatch.engine.locate import band_windows, guide_outputs, locate_layers
 from hoppatch.engine.tiny_models import SPECIALS
-from hoppatch.engine.tracing import patched_last_logits
+from hoppatch.engine.tracing import patched_last_states
 from hoppatch.engine.lens import logit_lens
 
 from .test_edit import GUIDE, QUERY
@@ -28,8 +28,8 @@ def test_sweep_finds_the_only_layer_whose_attention_matters(tiny):
         tiny.attn_out_weight(planted).mul_(50.0)
     # the answer: the word that patching the planted layer with the guide's output raises most
     guide = guide_outputs(tiny, [GUIDE])[0][planted]
-    base = torch.log_softmax(patched_last_logits(tiny, [QUERY], {}), -1)[0]
-    patched = torch.log_softmax(patched_last_logits(tiny, [QUERY], {planted: (torch.tensor([0]), guide[None])}), -1)[0]
+    base = torch.log_softmax(tiny.logits(patched_last_states(tiny, [QUERY], {})).float(), -1)[0]
+    patched = torch.log_softmax(tiny.logits(patched_last_states(tiny, [QUERY], {planted: (torch.tensor([0]), guide[None])})).float(), -1)[0]
     gain = patched - base
     gain[: len(SPECIALS)] = -torch.inf
     answer = tiny.tokenizer.decode([int(gain.argmax())])
