@@ -87,7 +87,8 @@ def locate_layers(
     found = {key: known.get(key) for key in keys}
     todo = [i for i, key in enumerate(keys) if found[key] is None]
     if todo:
-        states = [patched_states(lm, queries[i], guide_out, rows) for i, guide_out in zip(todo, guide_outputs(lm, [guides[i] for i in todo]))]
+        outputs = guide_outputs(lm, [guides[i] for i in todo])
+        states = [patched_states(lm, queries[i], guide_out, rows) for i, guide_out in zip(todo, outputs)]
         targets = torch.tensor([first_token(lm, answers[i]) for i in todo]).repeat_interleave(len(rows))
         for i, logp in zip(todo, target_logprobs(lm, torch.cat(states), targets).split(len(rows))):
             found[keys[i]] = known.put(keys[i], logp.clone())  # its own storage, sized as it is

@@ -433,10 +433,9 @@ def patched_last_states(
 
         return hook
 
-    batch = encode(lm, prompts)
-    with projection_hooks(lm, list(patches), hook_for), unembedding_inputs(lm) as seen:
-        run_model(lm, batch, 1)
-    return seen[0][:, -1]
+    batch = encode(lm, prompts)  # before the hooks: the shared prefix runs unpatched
+    with projection_hooks(lm, list(patches), hook_for):
+        return final_hidden_states(lm, batch)[:, -1]
 
 
 @torch.no_grad()
