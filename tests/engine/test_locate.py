@@ -74,3 +74,14 @@ def test_logit_lens_in_blocks_reads_as_one_prompt_at_a_time(tiny, monkeypatch):
         assert a.bridge_rank == b.bridge_rank and a.answer_rank == b.answer_rank
         assert torch.allclose(torch.tensor(a.answer_prob), torch.tensor(b.answer_prob), atol=1e-6)
         assert torch.allclose(torch.tensor(a.bridge_prob), torch.tensor(b.bridge_prob), atol=1e-6)
+
+
+def test_patched_rows_that_share_their_prefix_read_as_each_row_alone(tiny):
+    prompt = " ".join([QUERY] * 4)  # long enough that the rows' common prefix runs once, before the patch
+    rows, layer = 8, tiny.num_layers // 2
+    values = guide_outputs(tiny, [GUIDE])[0][layer][None].expand(2, -1)
+    together = patched_last_states(tiny, [prompt] * rows, {layer: (torch.tensor([1, 5]), values)})
+    patched = patched_last_states(tiny, [prompt], {layer: (torch.tensor([0]), values[:1])})[0]
+    plain = patched_last_states(tiny, [prompt], {})[0]
+    for row in range(rows):
+        torch.testing.assert_close(together[row], patched if row in (1, 5) else plain, atol=1e-5, rtol=1e-4)
