@@ -7,7 +7,8 @@
 
 Every row is counted strictly (see hoppatch.engine.evaluate): correction, paraphrase and generalization
 give the answer or a user's alias as the greedy continuation; specificity is an unchanged continuation,
-kept-or-right the looser rule. Perplexity increase and KL drift are on the shipped fluency text, averaged
+kept-or-right the looser rule, and right-kept the unrelated queries answered right before the patch that still
+are. Perplexity increase and KL drift are on the shipped fluency text, averaged
 over the jobs of a shape. Edit seconds per example count prepare, edit and calibrate (all the edit needs).
 Prints a markdown table and writes bench/results/quality-<model>-<split>.json.
 """
@@ -38,7 +39,7 @@ from hoppatch.engine.models import LoadedModel, load_model  # noqa: E402
 from hoppatch.engine.pipeline import base_fluency, run_job  # noqa: E402
 from hoppatch.spec import Budget, JobSpec, TwoHopExample, read_examples, read_preamble  # noqa: E402
 
-COLUMNS = ("correction", "paraphrase", "generalization", "specificity", "specificity_kept_or_right")
+COLUMNS = ("correction", "paraphrase", "generalization", "specificity", "specificity_kept_or_right", "specificity_right_kept")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Row:
     generalization: float | None
     specificity: float | None
     specificity_kept_or_right: float | None
+    specificity_right_kept: float | None
     perplexity_increase: float | None
     kl_drift: float | None
     edit_seconds_per_example: float
@@ -140,7 +142,7 @@ def _row(method, shape, examples, probes, ppl, kl, seconds, dropped) -> Row:
     r = rates(probes)
     return Row(
         method, shape, len(examples), r.correction, r.paraphrase, r.generalization, r.specificity,
-        r.specificity_kept_or_right, _mean(ppl), _mean(kl), seconds / len(examples), dropped,
+        r.specificity_kept_or_right, r.specificity_right_kept, _mean(ppl), _mean(kl), seconds / len(examples), dropped,
     )
 
 

@@ -25,7 +25,7 @@ RETRIES = 5
 """Tries of a call answered 429 or 503 with Retry-After."""
 MAX_RETRY_WAIT = 120
 """A longer Retry-After is not waited for: the call fails (exit 3 from `hoppatch submit`)."""
-METRIC_NAMES = ("correction", "paraphrase", "generalization", "specificity")
+METRIC_NAMES = ("correction", "paraphrase", "generalization", "specificity", "specificity_kept_or_right", "specificity_right_kept")
 
 
 class ClientError(Exception):

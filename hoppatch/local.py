@@ -49,7 +49,7 @@ def run_local(spec: JobSpec, out: Path, device: str | None, base_patches: list[t
         k: summary[k]
         for k in (
             "patched", "correction_rate", "paraphrase_rate", "generalization_rate", "specificity_rate",
-            "specificity_kept_or_right_rate", "layers", "regressions",
+            "specificity_kept_or_right_rate", "specificity_right_kept_rate", "layers", "regressions",
         )
     }
     typer.echo(json.dumps(shown))

@@ -27,6 +27,8 @@ _RATES = [
     ("generalization", "generalization_rate", "generalization_rate_before"),
     ("specificity (unchanged)", "specificity_rate", None),
     ("specificity (kept or right)", "specificity_kept_or_right_rate", None),
+    ("unrelated queries answered right", "specificity_right_rate", "specificity_right_rate_before"),
+    ("of those answered right before, still right", "specificity_right_kept_rate", None),
 ]
 
 

@@ -249,9 +249,12 @@ class Rates:
     generalization: float | None
     specificity: float | None  # continuation unchanged
     specificity_kept_or_right: float | None
+    specificity_right: float | None  # the unrelated query's own answer given
+    specificity_right_kept: float | None  # of those given before the patch, the share still given after
     correction_before: float | None
     paraphrase_before: float | None
     generalization_before: float | None
+    specificity_right_before: float | None
     event_before: float | None
     event_after: float | None
 
@@ -271,15 +274,20 @@ def rates(outcomes: Sequence[ProbeOutcome]) -> Rates:
     def before(kind: str) -> float | None:
         return _fraction([o.before.gives for o in by_kind.get(kind, [])])
 
+    unrelated = by_kind.get("specificity", [])
+
     return Rates(
         correction=after("correction"),
         paraphrase=after("paraphrase"),
         generalization=after("generalization"),
         specificity=after("specificity"),
-        specificity_kept_or_right=_fraction([o.kept_or_right for o in by_kind.get("specificity", [])]),
+        specificity_kept_or_right=_fraction([o.kept_or_right for o in unrelated]),
+        specificity_right=_fraction([o.after.gives for o in unrelated]),
+        specificity_right_kept=_fraction([o.after.gives for o in unrelated if o.before.gives]),
         correction_before=before("correction"),
         paraphrase_before=before("paraphrase"),
         generalization_before=before("generalization"),
+        specificity_right_before=before("specificity"),
         event_before=event_rate(outcomes, "before"),
         event_after=event_rate(outcomes, "after"),
     )

@@ -105,6 +105,12 @@ def test_patch_corrects_and_is_measured(published):
     unchanged = [p["before"]["text"] == p["after"]["text"] for p in probes if p["kind"] == "specificity"]
     assert summary["specificity_rate"] == sum(unchanged) / len(unchanged)
     assert summary["specificity_kept_or_right_rate"] >= summary["specificity_rate"]
+    # an unrelated query's own answer, read before and after, as the example listing shows it
+    unrelated = [p for p in probes if p["kind"] == "specificity"]
+    right_before = [p["after"]["gives"] for p in unrelated if p["before"]["gives"]]
+    assert summary["specificity_right_rate_before"] == len(right_before) / len(unrelated)
+    assert summary["specificity_right_rate"] == sum(p["after"]["gives"] for p in unrelated) / len(unrelated)
+    assert summary["specificity_right_kept_rate"] == (sum(right_before) / len(right_before) if right_before else None)
     assert summary["event_rate_after"] > summary["event_rate_before"]
     assert summary["perplexity_after"] > 0 and summary["kl_drift"] > 0
     assert len(summary["layers"]) <= 4

@@ -86,6 +86,18 @@ def test_specificity_is_an_unchanged_continuation_and_kept_or_right_is_looser():
     assert r.correction is None and r.paraphrase is None
 
 
+def test_right_answers_kept_counts_only_the_unrelated_queries_answered_right_before():
+    probe = Probe("a", "specificity", "The capital of France is", "Paris")
+    kept = ProbeOutcome(probe, _reading((1, 2), gives=True), _reading((1, 2), gives=True))
+    lost = ProbeOutcome(probe, _reading((1, 2), gives=True), _reading((3, 4)))
+    now_right = ProbeOutcome(probe, _reading((5, 5)), _reading((7, 7), gives=True))
+    still_wrong = ProbeOutcome(probe, _reading((5, 5)), _reading((6, 6)))
+    r = rates([kept, lost, now_right, now_right, still_wrong])
+    assert (r.specificity_right_before, r.specificity_right) == (0.4, 0.6)
+    assert r.specificity_right_kept == 0.5  # of `kept` and `lost`: queries turned right do not make up for `lost`
+    assert rates([now_right, still_wrong]).specificity_right_kept is None  # nothing was right to keep
+
+
 def test_rates_before_and_after_come_from_the_same_outcomes():
     probe = Probe("a", "correction", QUERY, "American", rival="French")
     fixed = ProbeOutcome(probe, Reading(False, 0.1, -3.0, logp_rival=-1.0), Reading(True, 0.9, -0.1, logp_rival=-4.0))

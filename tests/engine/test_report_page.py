@@ -22,7 +22,9 @@ def _document() -> dict:
     untouched = {**example, "id": "known", "verdict": "already_correct", "probes": []}
     summary = {"examples": 2, "patched": 1, "dropped": 0, "layers": [4, 5], "rank": 1, "correction_rate": 1.0, "correction_rate_before": 0.0,
                "paraphrase_rate": None, "paraphrase_rate_before": None, "generalization_rate": 0.5, "generalization_rate_before": 0.0,
-               "specificity_rate": 0.9, "specificity_kept_or_right_rate": 0.95, "perplexity_before": 20.0, "perplexity_after": 20.4, "kl_drift": 0.01}
+               "specificity_rate": 0.9, "specificity_kept_or_right_rate": 0.95, "specificity_right_rate": 0.5,
+               "specificity_right_rate_before": 0.6, "specificity_right_kept_rate": 0.8,
+               "perplexity_before": 20.0, "perplexity_after": 20.4, "kl_drift": 0.01}
     return {"hoppatch_version": "0.1.0", "model": HOSTILE, "summary": summary, "examples": [example, untouched]}
 
 
@@ -30,7 +32,11 @@ def _document() -> dict:
 def page(tmp_path):
     report = tmp_path / "report"
     report.mkdir()
-    rates = Rates(1.0, None, 0.5, 0.9, 0.95, 0.0, None, 0.0, 0.0, 1.0)
+    rates = Rates(
+        correction=1.0, paraphrase=None, generalization=0.5, specificity=0.9, specificity_kept_or_right=0.95,
+        specificity_right=0.5, specificity_right_kept=0.8, correction_before=0.0, paraphrase_before=None,
+        generalization_before=0.0, specificity_right_before=0.6, event_before=0.0, event_after=1.0,
+    )
     plot_summary(report / "summary.png", rates)
     shutil.copy(report / "summary.png", report / "example-dupin.png")
     path = tmp_path / "report.html"
@@ -44,6 +50,9 @@ def test_the_page_opens_with_the_verdict_and_escapes_every_user_string(page):
     assert "<script>" not in html and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 2  # the summary and the patched example
     assert "Not patched: no probes." in html
+    # the unrelated queries' own answers: given before and after, and of those given before, the share kept
+    assert re.search(r"<th>unrelated queries answered right</th><td>0\.600</td><td>0\.500</td>", html)
+    assert re.search(r"<th>of those answered right before, still right</th><td>–</td><td>0\.800</td>", html)
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")), reason="needs chromium (make test installs it)")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOPPATCH = [sys.executable, "-m", "hoppatch.cli"]
 HOP1, HOP2 = "The creator of C. Auguste Dupin is", "The nationality of Edgar Allan Poe is"
 QUERY = "The nationality of the creator of C. Auguste Dupin is"
+UNRELATED = "The capital of the country that Jovanotti is a citizen of is"
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +30,15 @@ def tiny_case(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     for seed in range(50):  # the first seed whose model answers the hops one way and the query another
         lm = tiny_model("llama", seed=seed)
-        hop1, hop2, query = greedy_answers(lm, [HOP1, HOP2, QUERY], max_new_tokens=1)
+        hop1, hop2, query, unrelated = greedy_answers(lm, [HOP1, HOP2, QUERY, UNRELATED], max_new_tokens=1)
         if query != hop2:
             break
     else:
         pytest.fail("no tiny model fails the composed query")
     lm.model.save_pretrained(root / "tiny")
     lm.tokenizer.save_pretrained(root / "tiny")
-    example = {"id": "tiny", "query": QUERY, "answer": hop2, "hop1": {"prompt": HOP1, "answer": hop1}, "hop2": {"prompt": HOP2, "answer": hop2}}
+    example = {"id": "tiny", "query": QUERY, "answer": hop2, "hop1": {"prompt": HOP1, "answer": hop1}, "hop2": {"prompt": HOP2, "answer": hop2},
+               "specificity": [{"prompt": UNRELATED, "answer": unrelated}]}  # the model's own answer: right before the patch
     examples = root / "examples.json"
     examples.write_text(json.dumps([example]))
     return root, examples
@@ -78,6 +80,17 @@ def test_a_missed_threshold_exits_1_and_says_which(live, tiny_case):
     done = _submit(url, examples, "--fail-under", "correction=1.01", env=env)
     assert done.returncode == 1
     assert "patch does not hold: correction_rate=" in done.stderr
+
+
+def test_the_gate_reads_every_specificity_rate_by_name(live, tiny_case):
+    url, env = live
+    _, examples = tiny_case
+    done = _submit(url, examples, "--json", "--fail-under", "specificity_right_kept=1.01", "--fail-under", "specificity_kept_or_right=0", env=env)
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout[done.stdout.index("{") :])["summary"]
+    assert summary["specificity_right_rate_before"] == 1.0  # the unrelated query's answer is the model's own
+    assert f"patch does not hold: specificity_right_kept_rate={summary['specificity_right_kept_rate']} < 1.01" in done.stderr
+    assert "specificity_kept_or_right_rate" not in done.stderr  # met: a threshold of 0 and a measured rate
 
 
 def test_a_failed_job_exits_1_with_its_error_code(live, tiny_case, tmp_path):
