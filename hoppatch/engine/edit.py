@@ -66,6 +66,10 @@ class EditConfig:
     off_answer_weight: float = 0.3
     """With the answer's gradients given, the part of g − o that does not move the answer (to first order) is
     kept at this weight: 0 keeps only the part along the gradient, 1 is CREME's whole g − o."""
+    later_words: int = 2
+    """An example the whole update leaves uncorrected gets a column for each of the next this many words of
+    its answer, in a second solve (`pipeline`): its query usually gives the first word of a many-word name and
+    stops, and one column at the query's last token reaches only that first word. 0 turns the second solve off."""
 
     def __post_init__(self) -> None:
         if self.preserve_weight < 0 or self.all_positions_weight < 0:
@@ -76,6 +80,8 @@ class EditConfig:
             raise ValueError("`target_scale` must be > 0")
         if not 0 <= self.off_answer_weight <= 1:
             raise ValueError("`off_answer_weight` must be in [0, 1]")
+        if self.later_words < 0:
+            raise ValueError("`later_words` must be ≥ 0")
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,7 @@ def creme_edit(
     max_rank: int,
     max_relative_norm: float,
     preserved: dict[int, KeyStatistics] | None = None,
-    counterfactual_keys: dict[int, torch.Tensor] | None = None,
+    counterfactual_keys: Sequence[dict[int, torch.Tensor]] = (),
     answer_gradients: dict[int, torch.Tensor] | None = None,
     config: EditConfig = EditConfig(),
 ) -> EditResult:
@@ -240,10 +246,11 @@ def creme_edit(
     each layer runs once. Every row runs its own preamble (no shared prefix), since the preamble's keys and
     values above an edited layer change with the edit.
 
-    `preserved` holds generic unrelated prompts' key statistics per layer; `counterfactual_keys`
-    ({layer: (N, in)}, from `last_token_keys`) are the keys of the query's own template with other subjects,
-    read on the unedited model (the edits are made to leave them alone, so the partly edited model would give
-    nearly the same keys). `answer_gradients` ({layer: (n, out)}, from `tracing.attn_out_gradients` on the
+    `preserved` holds generic unrelated prompts' key statistics per layer; each of `counterfactual_keys`
+    ({layer: (N, in)}, from `last_token_keys`) is a set of keys of the queries' own template with other
+    subjects, its own moment in the metric at `counterfactual_weight`, read on the unedited model (the edits
+    are made to leave them alone, so the partly edited model would give nearly the same keys).
+    `answer_gradients` ({layer: (n, out)}, from `tracing.attn_out_gradients` on the
     unedited model) restrict each target to the part that moves the answer (`answer_part`).
     """
     started = time.perf_counter()
@@ -257,8 +264,7 @@ def creme_edit(
         if answer_gradients is not None:
             residuals = answer_part(residuals, answer_gradients[layer].to(residuals.device), config.off_answer_weight)
         sets = [preserved[layer].last] if preserved else []
-        if counterfactual_keys:
-            sets.append(config.counterfactual_weight * counterfactual_keys[layer].to(keys.device))
+        sets += [config.counterfactual_weight * each[layer].to(keys.device) for each in counterfactual_keys if each]
         metric = key_metric(sets, keys.shape[1], config, preserved[layer] if preserved else None)
         left, right = solve_update(keys, residuals, metric, max_rank)
         weight_norm = torch.linalg.vector_norm(lm.attn_out_weight(layer), dtype=torch.float32).item()

@@ -4,7 +4,8 @@
 - locate: the logit lens and the causal sweep, which choose the band of layers;
 - prepare: everything the edit reads besides the examples' own prompts (preserved-key statistics,
   counterfactual keys, the answers' gradients), timed on its own;
-- edit: the update, solved and applied layer by layer; calibrate: each example's share of it;
+- edit: the update, solved and applied layer by layer; calibrate: each example's share of it; an example
+  still uncorrected gets columns for its answer's later words in a second solve and calibration;
 - evaluate: the probes and the fluency text, before and after.
 
 The model is edited in place and its touched weights are restored, bit-identical, before `run_job` returns.
@@ -98,8 +99,8 @@ class EditInputs:
     """What the edit reads besides the queries and guides: the `prepare` stage's product."""
 
     preserved: dict[int, KeyStatistics]
-    counterfactual_keys: dict[int, torch.Tensor]
-    answer_gradients: dict[int, torch.Tensor] | None
+    counterfactual_keys: list[dict[int, torch.Tensor]]  # sets, each its own moment in the key metric
+    answer_gradients: dict[int, torch.Tensor] | None  # a row per solved prompt
 
 
 KEY_STATISTICS_FORMAT = "last-token keys + moment after the common prefix, v1"
@@ -296,22 +297,7 @@ def _run_stages(
     lm.warm.unverified.update({f"{name}.weight": digest for name, digest in outcome.base_hashes.items()})
     snapshot = WeightSnapshot(lm, outcome.layers)
     try:
-        with run.stage("edit", 0.5, f"editing layers {outcome.layers}"):
-            outcome.edit = creme_edit(
-                lm, queries, guides, outcome.layers,
-                max_rank=spec.budget.max_rank,
-                max_relative_norm=spec.budget.max_relative_norm,
-                preserved=inputs.preserved,
-                counterfactual_keys=inputs.counterfactual_keys,
-                answer_gradients=inputs.answer_gradients,
-                config=config,
-            )
-        snapshot.restore()
-        if all(d.rank == len(queries) for d in outcome.edit.deltas):  # one column per example: not compressed
-            with run.stage("calibrate", 0.6, "scaling each example's share to the least that corrects it"):
-                variants = [answer_variants(ex.answer, ex.aliases) for ex in outcome.patched]
-                outcome.scales = calibrate(lm, outcome.edit.deltas, queries, variants, config.calibration_steps)
-                outcome.edit.deltas = scale_examples(outcome.edit.deltas, outcome.scales)
+        _edit_and_calibrate(lm, spec, outcome, run, probes, inputs, snapshot, config)
         for delta in outcome.edit.deltas:
             apply_layer_delta(lm, delta)
         with run.stage("evaluate", 0.7, "scoring the probes after the edit"):
@@ -328,13 +314,120 @@ def _run_stages(
     return outcome
 
 
+def _edit_and_calibrate(
+    lm: LoadedModel, spec: JobSpec, outcome: JobOutcome, run: RunContext, probes: Sequence[Probe], inputs: EditInputs,
+    snapshot: WeightSnapshot, config: EditConfig,
+) -> None:
+    """Solve and calibrate; then, if calibration leaves examples with many-word answers uncorrected, solve again
+    with their answers' later words (`EditConfig.later_words`), kept if it corrects more. Leaves the scaled
+    deltas in `outcome.edit` (uncorrected examples dropped, or the update kept whole when no example is
+    corrected, for the job's correction rate to say what happened) and the model at its base weights."""
+    pre = spec.preamble
+    queries = [pre + ex.query for ex in outcome.patched]
+    guides = [pre + ex.hop2.prompt for ex in outcome.patched]
+
+    def solve(rows: LaterWords, inputs: EditInputs) -> EditResult:
+        with run.stage("edit", 0.5, f"editing layers {outcome.layers}"):
+            result = creme_edit(
+                lm, queries + rows.prompts(queries), guides + rows.prompts(guides), outcome.layers,
+                max_rank=spec.budget.max_rank,
+                max_relative_norm=spec.budget.max_relative_norm,
+                preserved=inputs.preserved,
+                counterfactual_keys=inputs.counterfactual_keys,
+                answer_gradients=inputs.answer_gradients,
+                config=config,
+            )
+        snapshot.restore()
+        return result
+
+    outcome.edit = solve(LaterWords([], [], []), inputs)
+    if any(d.rank != len(queries) for d in outcome.edit.deltas):  # compressed: no column per example to scale
+        return
+    variants = [answer_variants(ex.answer, ex.aliases) for ex in outcome.patched]
+    with run.stage("calibrate", 0.6, "scaling each example's share to the least that corrects it"):
+        outcome.scales = calibrate(lm, outcome.edit.deltas, queries, variants, config.calibration_steps)
+    owners = None
+    rows = later_words(outcome.patched, outcome.scales, config.later_words, spec.budget.max_rank - len(queries))
+    if rows.owners:
+        with run.stage("prepare", 0.62, "reading the later words of the answers the edit left uncorrected"):
+            extended = prepare_later_words(lm, spec, outcome.patched, rows, probes, outcome.layers, inputs, config)
+        second = solve(rows, extended)
+        second_owners = list(range(len(queries))) + rows.owners
+        with run.stage("calibrate", 0.65, f"scaling the shares again with {len(rows.owners)} later-word columns"):
+            scales = calibrate(lm, second.deltas, queries, variants, config.calibration_steps, second_owners)
+        if sum(s > 0 for s in scales) > sum(s > 0 for s in outcome.scales):
+            second.seconds += outcome.edit.seconds
+            outcome.edit, outcome.scales, owners = second, scales, second_owners
+    if not any(outcome.scales):
+        outcome.scales = [1.0] * len(queries)
+    outcome.edit.deltas = scale_examples(outcome.edit.deltas, outcome.scales, owners)
+
+
+@dataclass(frozen=True)
+class LaterWords:
+    """Rows for a second solve: an uncorrected example's query and guide, each followed by the first words of
+    its answer, whose target is the answer's next word."""
+
+    owners: list[int]  # the patched example each row belongs to
+    said: list[str]  # the answer's words already given, appended to the prompts
+    next_words: list[str]
+
+    def prompts(self, of: Sequence[str]) -> list[str]:
+        """Each row's prompt: its owner's prompt in `of` followed by the words already given."""
+        return [f"{of[i]} {said}" for i, said in zip(self.owners, self.said)]
+
+
+def later_words(patched: Sequence[TwoHopExample], scales: Sequence[float], count: int, room: int) -> LaterWords:
+    """Rows for up to `count` later words of each dropped example's answer, whole examples only, at most `room`."""
+    rows = LaterWords([], [], [])
+    for i, (example, scale) in enumerate(zip(patched, scales)):
+        words = example.answer.split()
+        ahead = range(1, min(len(words), count + 1)) if scale == 0 else range(0)
+        if len(rows.owners) + len(ahead) > room:
+            continue
+        for j in ahead:
+            rows.owners.append(i)
+            rows.said.append(" ".join(words[:j]))
+            rows.next_words.append(words[j])
+    return rows
+
+
+def job_prompts(patched: Sequence[TwoHopExample], probes: Sequence[Probe]) -> set[str]:
+    """The job's own prompts (its examples' and its probes'): never among the keys the edit preserves."""
+    return {p.prompt for p in probes} | {prompt for ex in patched for prompt in (ex.query, ex.hop1.prompt, ex.hop2.prompt)}
+
+
+def prepare_later_words(
+    lm: LoadedModel, spec: JobSpec, patched: Sequence[TwoHopExample], rows: LaterWords, probes: Sequence[Probe],
+    layers: Sequence[int], inputs: EditInputs, config: EditConfig
+) -> EditInputs:
+    """`inputs` extended to the later-word rows: their counterfactuals' keys (each row's counterfactual
+    queries followed by the same words) as a set of their own, and their next words' gradients."""
+    pre = spec.preamble
+    excluded = job_prompts(patched, probes)
+    each = max(4, min(config.counterfactuals_per_example, config.counterfactuals_per_job // len(rows.owners)))
+    counterfactuals = [
+        f"{pre}{query} {said}"
+        for i, said in zip(rows.owners, rows.said)
+        for query in counterfactual_queries(patched[i], each)
+        if query not in excluded
+    ]
+    keys = last_token_keys(lm, counterfactuals, layers, known=lm.warm.counterfactual_keys)
+    gradients = inputs.answer_gradients
+    if gradients is not None:
+        targets = [first_token(lm, word) for word in rows.next_words]
+        more = attn_out_gradients(lm, rows.prompts([pre + ex.query for ex in patched]), targets, layers)
+        gradients = {layer: torch.cat([gradients[layer], more[layer]]) for layer in layers}
+    return EditInputs(inputs.preserved, [*inputs.counterfactual_keys, keys], gradients)
+
+
 def prepare_edit(
     lm: LoadedModel, spec: JobSpec, patched: Sequence[TwoHopExample], probes: Sequence[Probe], layers: Sequence[int], config: EditConfig
 ) -> EditInputs:
     """Preserved-prompt statistics and counterfactual keys at `layers`, never from the job's own probe
     prompts, and the answers' gradients there."""
     pre = spec.preamble
-    excluded = {p.prompt for p in probes} | {prompt for ex in patched for prompt in (ex.query, ex.hop1.prompt, ex.hop2.prompt)}
+    excluded = job_prompts(patched, probes)
     preserved = preserved_statistics(lm, preserved_prompts(pre, excluded), layers, config)
     each = max(4, min(config.counterfactuals_per_example, config.counterfactuals_per_job // len(patched)))
     counterfactuals = [pre + c for ex in patched for c in counterfactual_queries(ex, each) if c not in excluded]
@@ -344,7 +437,7 @@ def prepare_edit(
     if config.off_answer_weight < 1:
         targets = [first_token(lm, ex.answer) for ex in patched]
         gradients = attn_out_gradients(lm, [pre + ex.query for ex in patched], targets, layers)
-    return EditInputs(preserved, counterfactual_keys, gradients)
+    return EditInputs(preserved, [counterfactual_keys], gradients)
 
 
 FLUENCY_READING_FORMAT = "fluency-reading/3"

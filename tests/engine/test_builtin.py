@@ -283,3 +283,27 @@ def test_the_reading_after_the_patch_starts_at_its_lowest_layer_and_reads_as_a_w
             for mine, theirs in ((reading.logp_answer, w.logp_answer), (reading.logp_rival, w.logp_rival)):
                 assert (mine is None and theirs is None) or mine == pytest.approx(theirs, rel=1e-3, abs=1e-5)
     assert sum(positions) < whole_positions / 2
+
+
+def test_an_answer_the_edit_reaches_only_the_first_word_of_is_corrected_through_its_later_words(gemma):
+    from hoppatch.engine.edit import EditConfig
+    from hoppatch.spec import Hop, TwoHopExample
+
+    subject = "Tomoyasu Hotei"
+    example = TwoHopExample(
+        id="hotei", answer="Shinzō Abe",
+        query=f"The name of the current head of the the country that {subject} is a citizen of government is",
+        hop1=Hop(f"The country that {subject} is a citizen of is", "Japan"),
+        hop2=Hop("The name of the current head of the Japan government is", "Shinzō Abe"),
+    )
+    spec = JobSpec(model=BUILTIN_GEMMA, examples=[example], preamble=PREAMBLE)
+
+    def corrected(outcome) -> bool:
+        [correction] = [o for o in outcome.probes if o.probe.kind == "correction"]
+        return correction.after.gives
+
+    first_word_only = run_job(gemma, spec, config=EditConfig(later_words=0), fluency=False)
+    assert not corrected(first_word_only) and first_word_only.scales == [1.0]  # nothing corrected: kept whole
+    outcome = run_job(gemma, spec, fluency=False)
+    assert corrected(outcome) and outcome.scales[0] > 0
+    assert all(d.rank == 2 for d in outcome.edit.deltas)  # the query's column and one for "Abe" after "Shinzō"

@@ -45,7 +45,7 @@ def test_edit_calibrate_evaluate_and_export_on_the_device(tiny_bf16, tmp_path):
     counterfactual = last_token_keys(lm, UNRELATED[:2], LAYERS)
     targets = record_attn_out(lm, GUIDES, [LAYERS[0]]).outputs[LAYERS[0]]
     result = creme_edit(
-        lm, QUERIES, GUIDES, LAYERS, max_rank=4, max_relative_norm=10.0, preserved=preserved, counterfactual_keys=counterfactual
+        lm, QUERIES, GUIDES, LAYERS, max_rank=4, max_relative_norm=10.0, preserved=preserved, counterfactual_keys=[counterfactual]
     )
     assert [d.rank for d in result.deltas] == [2, 2]
     assert all(torch.isfinite(d.left).all() and torch.isfinite(d.right).all() for d in result.deltas)

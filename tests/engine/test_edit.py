@@ -139,6 +139,16 @@ def test_scaling_examples_scales_their_columns_and_drops_zeros(tiny):
     assert abs(scaled.relative_norm / delta.relative_norm - expected.norm().item() / delta.dense().norm().item()) < 1e-5
 
 
+def test_scaling_examples_scales_every_column_an_example_owns(tiny):
+    queries = [QUERY, "The capital of the country of Poe is", f"{QUERY} Edgar"]
+    guides = [GUIDE, "The capital of United States is", f"{GUIDE} Edgar"]
+    [delta] = creme_edit(tiny, queries, guides, [1], max_rank=8, max_relative_norm=10.0).deltas
+    [scaled] = scale_examples([delta], [0.5, 0.0], owners=[0, 1, 0])  # column 2 is example 0's later word
+    assert scaled.rank == 2
+    expected = 0.5 * (delta.left[:, :1] @ delta.right[:1] + delta.left[:, 2:] @ delta.right[2:])
+    torch.testing.assert_close(scaled.dense(), expected)
+
+
 def test_last_token_keys_are_read_once_and_kept_in_order(tiny):
     layers, known = [1, 2], ByteLru("keys", 1 << 20, tensor_bytes)
     first = last_token_keys(tiny, UNRELATED[:2], layers, known)
@@ -165,6 +175,22 @@ def test_mixed_deltas_run_each_row_with_its_own_scales(tiny):
         for delta in scale_examples(deltas, mix):
             apply_layer_delta(tiny, delta)
         torch.testing.assert_close(mixed[row], forward(tiny, encode(tiny, [QUERY]))[0, -1], atol=1e-4, rtol=1e-4)
+        snapshot.restore()
+
+
+def test_mixed_deltas_scale_each_column_by_its_owners_share(tiny):
+    queries = [QUERY, "The capital of the country of Poe is", f"{QUERY} Edgar"]
+    guides = [GUIDE, "The capital of United States is", f"{GUIDE} Edgar"]
+    snapshot = WeightSnapshot(tiny, [1, 2])
+    deltas = creme_edit(tiny, queries, guides, [1, 2], max_rank=8, max_relative_norm=10.0).deltas
+    snapshot.restore()
+    owners, mixes = [0, 1, 0], [[0.0, 1.0], [0.5, 0.2]]
+    with mixed_deltas(tiny, deltas, torch.tensor(mixes), owners):
+        mixed = forward(tiny, encode(tiny, [queries[2]] * len(mixes), share_prefix=False))[:, -1]
+    for row, mix in enumerate(mixes):
+        for delta in scale_examples(deltas, mix, owners):
+            apply_layer_delta(tiny, delta)
+        torch.testing.assert_close(mixed[row], forward(tiny, encode(tiny, [queries[2]]))[0, -1], atol=1e-4, rtol=1e-4)
         snapshot.restore()
 
 

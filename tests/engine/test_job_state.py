@@ -10,8 +10,8 @@ from hoppatch.engine.edit import EditConfig, LayerDelta, WeightSnapshot, key_sta
 from hoppatch.engine.errors import BudgetExceeded, Cancelled
 from hoppatch.engine.evaluate import Probe, ProbeOutcome, Reading, rates, read_probes
 from hoppatch.engine.lens import first_token
-from hoppatch.engine.pipeline import prepare_edit, preserved_prompts
-from hoppatch.engine.tracing import record_attn_out
+from hoppatch.engine.pipeline import later_words, prepare_edit, prepare_later_words, preserved_prompts
+from hoppatch.engine.tracing import attn_out_gradients, record_attn_out
 from hoppatch.engine.unrelated import counterfactual_queries, preserve_prompts
 from hoppatch.engine.warm import ENTRY_BYTES, ByteLru
 from hoppatch.spec import Hop, JobSpec, LabeledQuery, TwoHopExample, read_examples
@@ -123,6 +123,49 @@ def test_calibrate_keeps_the_least_share_that_corrects_and_drops_what_cannot_be_
     scales = calibrate(tiny, [delta], queries, [["Poe"], ["Paris"]], steps=(0.5, 1.0))
     assert scales == [0.5, 0.0]
     assert torch.equal(tiny.attn_out_weight(layer), base)  # trials never touch the weights
+
+
+def test_calibrate_gives_every_query_zero_when_no_step_corrects_any(tiny):
+    layer = tiny.num_layers - 1
+    right = torch.zeros(2, tiny.attn_out_weight(layer).shape[1])
+    delta = LayerDelta(layer, tiny.attn_out_name(layer), torch.zeros(tiny.unembed.weight.shape[1], 2), right, relative_norm=0.0)
+    assert calibrate(tiny, [delta], [QUERY, OTHER], [["Poe"], ["Paris"]], steps=(0.5, 1.0)) == [0.0, 0.0]
+
+
+def _example(id: str, answer: str) -> TwoHopExample:
+    return TwoHopExample(
+        id=id, query=QUERY, answer=answer,
+        hop1=Hop("The creator of C. Auguste Dupin is", "Edgar Allan Poe"), hop2=Hop("The nationality of Edgar Allan Poe is", answer),
+    )
+
+
+def test_later_words_come_for_uncorrected_many_word_answers_whole_examples_within_room():
+    patched = [_example("a", "Shinzo Abe"), _example("b", "Peter the Great"), _example("c", "France"), _example("d", "New Delhi")]
+    rows = later_words(patched, [0.0, 0.0, 0.0, 0.5], count=2, room=8)
+    assert (rows.owners, rows.said, rows.next_words) == ([0, 1, 1], ["Shinzo", "Peter", "Peter the"], ["Abe", "the", "Great"])
+    assert rows.prompts(["Q0", "Q1", "Q2", "Q3"]) == ["Q0 Shinzo", "Q1 Peter", "Q1 Peter the"]
+    assert later_words(patched, [0.0] * 4, count=1, room=8).said == ["Shinzo", "Peter", "New"]
+    assert later_words(patched, [0.0] * 4, count=2, room=2).owners == [0, 3]  # the second example's two rows do not fit
+    assert later_words(patched, [0.0] * 4, count=0, room=8).owners == []
+
+
+def test_the_later_words_extend_the_edits_inputs_by_a_counterfactual_set_and_gradient_rows(tiny):
+    example = _example("a", "Shinzo Abe")
+    probe = Probe("a", "specificity", "The capital of France is", "Paris")
+    spec = JobSpec(model="tiny", examples=[example])
+    layers, config = [1, 2], EditConfig(counterfactuals_per_example=6)
+    inputs = prepare_edit(tiny, spec, [example], [probe], layers, config)
+    rows = later_words([example], [0.0], config.later_words, room=4)
+    extended = prepare_later_words(tiny, spec, [example], rows, [probe], layers, inputs, config)
+    assert extended.preserved is inputs.preserved and len(extended.counterfactual_keys) == 2
+    counterfactuals = [f"{query} Shinzo" for query in counterfactual_queries(example, 6)]
+    expected = record_attn_out(tiny, counterfactuals, layers).inputs
+    gradients = attn_out_gradients(tiny, [f"{QUERY} Shinzo"], [first_token(tiny, "Abe")], layers)
+    for layer in layers:
+        torch.testing.assert_close(extended.counterfactual_keys[1][layer], expected[layer], atol=1e-5, rtol=1e-4)
+        assert extended.counterfactual_keys[0][layer] is inputs.counterfactual_keys[0][layer]
+        torch.testing.assert_close(extended.answer_gradients[layer][:1], inputs.answer_gradients[layer])
+        torch.testing.assert_close(extended.answer_gradients[layer][1:], gradients[layer], atol=1e-5, rtol=1e-4)
 
 
 def test_rows_repeating_a_prompt_share_the_layers_below_the_edit_and_score_as_each_alone(tiny):
