@@ -356,7 +356,6 @@ def _edit_and_calibrate(
         with run.stage("calibrate", 0.65, f"scaling the shares again with {len(rows.owners)} later-word columns"):
             scales = calibrate(lm, second.deltas, queries, variants, config.calibration_steps, second_owners)
         if sum(s > 0 for s in scales) > sum(s > 0 for s in outcome.scales):
-            second.seconds += outcome.edit.seconds
             outcome.edit, outcome.scales, owners = second, scales, second_owners
     if not any(outcome.scales):
         outcome.scales = [1.0] * len(queries)
@@ -379,17 +378,16 @@ class LaterWords:
 
 def later_words(patched: Sequence[TwoHopExample], scales: Sequence[float], count: int, room: int) -> LaterWords:
     """Rows for up to `count` later words of each dropped example's answer, whole examples only, at most `room`."""
-    rows = LaterWords([], [], [])
+    owners, said, next_words = [], [], []
     for i, (example, scale) in enumerate(zip(patched, scales)):
         words = example.answer.split()
         ahead = range(1, min(len(words), count + 1)) if scale == 0 else range(0)
-        if len(rows.owners) + len(ahead) > room:
+        if len(owners) + len(ahead) > room:
             continue
-        for j in ahead:
-            rows.owners.append(i)
-            rows.said.append(" ".join(words[:j]))
-            rows.next_words.append(words[j])
-    return rows
+        owners += [i] * len(ahead)
+        said += [" ".join(words[:j]) for j in ahead]
+        next_words += [words[j] for j in ahead]
+    return LaterWords(owners, said, next_words)
 
 
 def job_prompts(patched: Sequence[TwoHopExample], probes: Sequence[Probe]) -> set[str]:
