@@ -98,6 +98,7 @@ def _example(ex: dict[str, Any], report_dir: Path) -> str:
         f'<article class="example" id="example-{escape(ex["id"])}"><h3>{escape(ex["id"])}</h3>'
         f"<p>Verdict: <strong>{escape(ex['verdict'])}</strong>"
         + (f"; dropped: {escape(ex['dropped_reason'])}" if ex.get("dropped_reason") else "")
+        + (f"; later words with a column of their own: {escape(', '.join(ex['later_words']))}" if ex.get("later_words") else "")
         + f"</p><h4>Diagnosis</h4><table><tr><th>prompt</th><th>gives</th><th>p</th></tr>{diagnosis}</table>"
         f"<h4>Logit lens and causal sweep</h4>{_image(plot, 'logit lens and causal sweep') if plot.exists() else '<p>No plot: not patched.</p>'}"
         f"<h4>Probes, before and after</h4>{probe_table}</article>"

@@ -78,6 +78,7 @@ class JobOutcome:
     kl_drift: float | None = None
     base_hashes: dict[str, str] = field(default_factory=dict)
     scales: list[float] | None = None  # per patched example, its share of the update after calibration
+    later_words: LaterWords | None = None  # the later-word rows of the update, when its second solve is kept
     seconds: dict[str, float] = field(default_factory=dict)
     parents: list[BasePatch] = field(default_factory=list)
     """The earlier patches this one was solved on top of, oldest first."""
@@ -356,7 +357,7 @@ def _edit_and_calibrate(
         with run.stage("calibrate", 0.65, f"scaling the shares again with {len(rows.owners)} later-word columns"):
             scales = calibrate(lm, second.deltas, queries, variants, config.calibration_steps, second_owners)
         if sum(s > 0 for s in scales) > sum(s > 0 for s in outcome.scales):
-            outcome.edit, outcome.scales, owners = second, scales, second_owners
+            outcome.edit, outcome.scales, outcome.later_words, owners = second, scales, rows, second_owners
     if not any(outcome.scales):
         outcome.scales = [1.0] * len(queries)
     outcome.edit.deltas = scale_examples(outcome.edit.deltas, outcome.scales, owners)
@@ -370,6 +371,10 @@ class LaterWords:
     owners: list[int]  # the patched example each row belongs to
     said: list[str]  # the answer's words already given, appended to the prompts
     next_words: list[str]
+
+    def words_of(self, example: int) -> list[str]:
+        """The later words that have a column of their own for the patched example `example`."""
+        return [word for i, word in zip(self.owners, self.next_words) if i == example]
 
     def prompts(self, of: Sequence[str]) -> list[str]:
         """Each row's prompt: its owner's prompt in `of` followed by the words already given."""

@@ -42,6 +42,8 @@ def metrics(outcome: JobOutcome) -> dict:
     edit = outcome.edit
     r = rates(probes)
     dropped = [ex.id for ex, s in zip(outcome.patched, outcome.scales or []) if s == 0]
+    later = outcome.later_words
+    later_words = {ex.id: later.words_of(i) for i, ex in enumerate(outcome.patched) if ex.id not in dropped} if later else {}
     summary = {
         "examples": len(outcome.diagnoses),
         "diagnosis": diagnosis,
@@ -96,6 +98,7 @@ def metrics(outcome: JobOutcome) -> dict:
                 "query": {"gives": d.query.gives, "p": d.query.p_first},
                 "scale": scales.get(ex.id),
                 "dropped_reason": DROPPED_REASON if ex.id in dropped else None,
+                "later_words": later_words.get(ex.id, []),
                 "probes": by_example.get(ex.id, []),
             }
         )

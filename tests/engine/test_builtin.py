@@ -285,7 +285,7 @@ def test_the_reading_after_the_patch_starts_at_its_lowest_layer_and_reads_as_a_w
     assert sum(positions) < whole_positions / 2
 
 
-def test_an_answer_the_edit_reaches_only_the_first_word_of_is_corrected_through_its_later_words(gemma):
+def test_an_answer_the_edit_reaches_only_the_first_word_of_is_corrected_through_its_later_words(gemma, tmp_path):
     from hoppatch.engine.edit import EditConfig
     from hoppatch.spec import Hop, TwoHopExample
 
@@ -307,3 +307,7 @@ def test_an_answer_the_edit_reaches_only_the_first_word_of_is_corrected_through_
     outcome = run_job(gemma, spec, fluency=False)
     assert corrected(outcome) and outcome.scales[0] > 0
     assert all(d.rank == 2 for d in outcome.edit.deltas)  # the query's column and one for "Abe" after "Shinzō"
+    document = publish(outcome, gemma, tmp_path / "out")
+    assert document["examples"][0]["later_words"] == ["Abe"]
+    assert "later words with a column of their own: Abe" in (tmp_path / "out" / "report.html").read_text()
+    assert publish(first_word_only, gemma, tmp_path / "before")["examples"][0]["later_words"] == []
