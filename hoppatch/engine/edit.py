@@ -22,7 +22,6 @@ Two generalisations, both reducing to the formula above when their knobs are off
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -115,7 +114,6 @@ def low_rank_norm(left: torch.Tensor, right: torch.Tensor) -> float:
 @dataclass
 class EditResult:
     deltas: list[LayerDelta] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 @dataclass
@@ -253,7 +251,6 @@ def creme_edit(
     `answer_gradients` ({layer: (n, out)}, from `tracing.attn_out_gradients` on the
     unedited model) restrict each target to the part that moves the answer (`answer_part`).
     """
-    started = time.perf_counter()
     result = EditResult()
     n = len(queries)
 
@@ -285,7 +282,6 @@ def creme_edit(
     ids = [lm.tokenizer(p)["input_ids"] for p in [*queries, *guides]]
     run_replacing(lm, encode_ids(lm, ids, share_prefix=False), sorted(layers), edit_at)
     result.deltas = [replace(d, left=d.left.cpu(), right=d.right.cpu()) for d in result.deltas]
-    result.seconds = time.perf_counter() - started
     return result
 
 
