@@ -82,6 +82,10 @@ class EditConfig:
         if self.later_words < 0:
             raise ValueError("`later_words` must be ≥ 0")
 
+    def counterfactuals_each(self, rows: int) -> int:
+        """Counterfactual queries per solved row when `rows` share the per-job cap (at least 4 each)."""
+        return max(4, min(self.counterfactuals_per_example, self.counterfactuals_per_job // rows))
+
 
 @dataclass(frozen=True)
 class LayerDelta:

@@ -347,19 +347,19 @@ def _edit_and_calibrate(
     variants = [answer_variants(ex.answer, ex.aliases) for ex in outcome.patched]
     with run.stage("calibrate", 0.6, "scaling each example's share to the least that corrects it"):
         outcome.scales = calibrate(lm, outcome.edit.deltas, queries, variants, config.calibration_steps)
-    owners = None
     rows = later_words(outcome.patched, outcome.scales, config.later_words, spec.budget.max_rank - len(queries))
     if rows.owners:
         with run.stage("prepare", 0.62, "reading the later words of the answers the edit left uncorrected"):
             extended = prepare_later_words(lm, spec, outcome.patched, rows, probes, outcome.layers, inputs, config)
         second = solve(rows, extended)
-        second_owners = list(range(len(queries))) + rows.owners
         with run.stage("calibrate", 0.65, f"scaling the shares again with {len(rows.owners)} later-word columns"):
-            scales = calibrate(lm, second.deltas, queries, variants, config.calibration_steps, second_owners)
+            scales = calibrate(lm, second.deltas, queries, variants, config.calibration_steps, rows.column_owners(len(queries)))
         if sum(s > 0 for s in scales) > sum(s > 0 for s in outcome.scales):
-            outcome.edit, outcome.scales, outcome.later_words, owners = second, scales, rows, second_owners
+            outcome.edit, outcome.scales, outcome.later_words = second, scales, rows
     if not any(outcome.scales):
         outcome.scales = [1.0] * len(queries)
+    later = outcome.later_words
+    owners = later.column_owners(len(queries)) if later else None
     outcome.edit.deltas = scale_examples(outcome.edit.deltas, outcome.scales, owners)
 
 
@@ -371,6 +371,10 @@ class LaterWords:
     owners: list[int]  # the patched example each row belongs to
     said: list[str]  # the answer's words already given, appended to the prompts
     next_words: list[str]
+
+    def column_owners(self, examples: int) -> list[int]:
+        """The example each column of a solve over `examples` queries and these rows belongs to, in order."""
+        return list(range(examples)) + self.owners
 
     def words_of(self, example: int) -> list[str]:
         """The later words that have a column of their own for the patched example `example`."""
@@ -408,7 +412,7 @@ def prepare_later_words(
     queries followed by the same words) as a set of their own, and their next words' gradients."""
     pre = spec.preamble
     excluded = job_prompts(patched, probes)
-    each = max(4, min(config.counterfactuals_per_example, config.counterfactuals_per_job // len(rows.owners)))
+    each = config.counterfactuals_each(len(rows.owners))
     counterfactuals = [
         f"{pre}{query} {said}"
         for i, said in zip(rows.owners, rows.said)
@@ -432,7 +436,7 @@ def prepare_edit(
     pre = spec.preamble
     excluded = job_prompts(patched, probes)
     preserved = preserved_statistics(lm, preserved_prompts(pre, excluded), layers, config)
-    each = max(4, min(config.counterfactuals_per_example, config.counterfactuals_per_job // len(patched)))
+    each = config.counterfactuals_each(len(patched))
     counterfactuals = [pre + c for ex in patched for c in counterfactual_queries(ex, each) if c not in excluded]
     counterfactual_keys = last_token_keys(lm, counterfactuals, layers, known=lm.warm.counterfactual_keys)
     # which way each query's answer moves at the edited layers: read on the unedited model, like the sweep
